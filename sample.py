@@ -1,0 +1,302 @@
+"""
+Sample a trained class-conditional diffusion model: a PNG grid to look at, or a class-balanced
+batch of images in ADM's .npz format (`arr_0` uint8 NHWC, `arr_1` int64 labels) for evaluate.py
+and ADM's evaluator.
+
+    # grid: one row per class
+    python sample.py --ckpt results/export.pt --grid grid.png --classes 0,1,2 --per-class 8
+    # FID batch on 8 GPUs; rerunning the same command resumes an interrupted run
+    torchrun --nproc-per-node=8 sample.py --ckpt results/export.pt --num-samples 50000 \
+        --cfg-scale 1.5 --out samples.npz
+    # an official DiT checkpoint (a plain state dict): model, size and VAE come from flags
+    python sample.py --ckpt DiT-XL-2-256x256.pt --model DiT-XL/2 --image-size 256 \
+        --vae /path/to/sd-vae-ft-ema --cfg-scale 4 --grid dit.png --classes 207,360,387
+
+Sample i's initial noise and all later noise come from its own generator seeded from
+(--seed, i), and its label in the FID batch is i % num_classes, so a seed gives the same images
+whatever the number of ranks or the batch size.
+"""
+import argparse
+import json
+import os
+import shutil
+import sys
+import zipfile
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from diffusion import GaussianDiffusion, guided_model_fn
+from distributed import atomic_write, barrier, cleanup_distributed, init_distributed
+from models import ALL_MODELS
+from store import model_to_uint8
+
+# Settings of the official DiT checkpoints (plain state dicts carry none of their own).
+DIT_DEFAULTS = {"model": "DiT-XL/2", "image_size": 256, "num_classes": 1000, "learn_sigma": True,
+                "vae": "stabilityai/sd-vae-ft-ema"}
+DIT_SCALE_FACTOR = 0.18215  # the SD VAE latent scale DiT trained with
+
+
+def fail(message):
+    sys.exit(f"sample.py: error: {message}")
+
+
+def load_model(args):
+    """Build the model and diffusion a checkpoint needs. Returns (model, diffusion, vae id or None,
+    latent scale factor or None)."""
+    if not os.path.isfile(args.ckpt):
+        fail(f"checkpoint not found: {args.ckpt}")
+    try:
+        ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=True)
+    except Exception as e:  # weights_only refuses pickled objects such as DiT's argparse.Namespace
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        fail(f"cannot load {args.ckpt} with torch.load(weights_only=True): {reason}")
+
+    plain_flags = {k: getattr(args, k) for k in ("model", "image_size", "num_classes", "learn_sigma")}
+    if isinstance(ckpt, dict) and {"model", "ema", "args"} <= ckpt.keys():
+        # Our export (train.py): everything is recorded in its args.
+        given = [k for k, v in plain_flags.items() if v is not None]
+        if given:
+            fail(f"--{given[0].replace('_', '-')} is for plain state dicts; {args.ckpt} records it in its args")
+        a = ckpt["args"]
+        model_kwargs = {k: v for k, v in a["model"].items() if k != "name"}
+        name, state = a["model"]["name"], ckpt[args.weights]
+        diffusion = GaussianDiffusion(**a["diffusion"])
+        latent = a["data"]["mode"] == "latents"
+        vae, scale_factor = (args.vae or a["data"]["vae"], a["data"]["scale_factor"]) if latent else (None, None)
+    elif isinstance(ckpt, dict) and ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
+        # An official DiT file: a latent model on the SD VAE, linear schedule, eps target.
+        flags = {k: DIT_DEFAULTS[k] if v is None else v for k, v in plain_flags.items()}
+        if flags["image_size"] % 8:
+            fail(f"--image-size must be a multiple of 8 (the VAE downsamples by 8), got {flags['image_size']}")
+        name, state = flags["model"], ckpt
+        model_kwargs = {"input_size": flags["image_size"] // 8, "in_channels": 4,
+                        "num_classes": flags["num_classes"], "learn_sigma": flags["learn_sigma"],
+                        "class_dropout_prob": 0.1}  # > 0 so the table has DiT's extra null-label row
+        diffusion = GaussianDiffusion(schedule="linear", target="eps", learn_sigma=flags["learn_sigma"])
+        vae, scale_factor = args.vae or DIT_DEFAULTS["vae"], DIT_SCALE_FACTOR
+    else:
+        fail(f"{args.ckpt} is neither an exported checkpoint ({{'model', 'ema', 'args'}}) nor a plain state dict")
+
+    if name not in ALL_MODELS:
+        fail(f"unknown model {name!r}; choose from {', '.join(ALL_MODELS)}")
+    model = ALL_MODELS[name](**model_kwargs)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [k for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or mismatched:
+        problems = []
+        if missing:
+            problems.append(f"{len(missing)} missing keys (first {missing[0]!r})")
+        if unexpected:
+            problems.append(f"{len(unexpected)} unexpected keys (first {unexpected[0]!r})")
+        if mismatched:
+            k = mismatched[0]
+            problems.append(f"{len(mismatched)} shape mismatches (first {k!r}: checkpoint "
+                            f"{list(state[k].shape)} vs model {list(own[k].shape)})")
+        fail(f"{args.ckpt} does not fit {name} {model_kwargs}: {'; '.join(problems)}")
+    model.load_state_dict(state)
+    return model, diffusion, vae, scale_factor
+
+
+def load_vae(vae_id, device):
+    from diffusers.models import AutoencoderKL  # only latent models need diffusers
+    try:
+        return AutoencoderKL.from_pretrained(vae_id).to(device).eval()
+    except Exception as e:
+        fail(f"cannot load the VAE {vae_id!r} ({type(e).__name__}); without network access download it "
+             f"elsewhere and pass its folder (AutoencoderKL.save_pretrained layout) with --vae /path/to/folder")
+
+
+def sample_generators(seed, indices, device):
+    """One generator per sample index. CPU generators keep only the low 32 bits of a seed, so each
+    run gets a 32-bit offset mixed from --seed and sample i uses offset + i: distinct for every
+    sample of a run, and the same whatever rank or batch the sample lands in."""
+    offset = int(np.random.SeedSequence(seed).generate_state(1)[0])
+    return [torch.Generator(device).manual_seed((offset + int(i)) % 2**32) for i in indices]
+
+
+def save_grid(path, images, rows, pad=2):
+    """images: uint8 [rows*cols, H, W, 3] in row-major order -> one PNG with black gutters."""
+    n, h, w, _ = images.shape
+    cols = n // rows
+    grid = np.zeros((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), np.uint8)
+    for k, image in enumerate(images):
+        r, c = divmod(k, cols)
+        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = image
+    atomic_write(path, lambda f: Image.fromarray(grid).save(f, format="PNG"))
+
+
+def write_npz(f, shard_paths, shard_sizes, image_shape):
+    """Write ADM's .npz (a zip of arr_0.npy and arr_1.npy, as np.savez makes it) one shard at a time:
+    np.savez needs the whole array in memory, 9.8 GB for 50k images at 256 px."""
+    num = sum(shard_sizes)
+    with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for key, shape, dtype in (("arr_0", (num, *image_shape), np.uint8), ("arr_1", (num,), np.int64)):
+            with zf.open(f"{key}.npy", "w", force_zip64=True) as member:  # zip64: arr_0 passes 4 GB
+                header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+                          "shape": shape}
+                np.lib.format.write_array_header_1_0(member, header)
+                for path, size in zip(shard_paths, shard_sizes):
+                    with np.load(path) as shard:
+                        array = shard[key]
+                    if array.shape != (size, *shape[1:]) or array.dtype != dtype:
+                        fail(f"{path}: {key} is {array.dtype} {list(array.shape)}, expected {np.dtype(dtype)} "
+                             f"{[size, *shape[1:]]}; delete it and rerun")
+                    member.write(np.ascontiguousarray(array).data)
+
+
+@torch.no_grad()
+def main(args):
+    world = init_distributed()
+    device = world.device
+    if args.precision == "tf32":
+        torch.set_float32_matmul_precision("high")
+
+    model, diffusion, vae_id, scale_factor = load_model(args)
+    model = model.to(device).eval()
+    latent = vae_id is not None
+    if latent and args.clip_denoised:
+        fail("--clip-denoised is for pixel models only: latents are not confined to [-1, 1]")
+    vae = load_vae(vae_id, device) if latent else None
+    out_channels = model.in_channels
+    if args.cfg_channels is not None and not 1 <= args.cfg_channels <= out_channels:
+        fail(f"--cfg-channels must be in [1, {out_channels}], got {args.cfg_channels}")
+    num_classes = model.num_classes
+
+    def generate(indices, labels):
+        """Sample the given indices with the given labels -> uint8 numpy [B, H, W, 3]."""
+        y = labels.to(device)
+        guided = guided_model_fn(model, y, args.cfg_scale, guide_channels=args.cfg_channels)
+
+        def model_fn(x, t):
+            # Only the network runs in bf16; the sampler's arithmetic stays in full precision.
+            with torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16"):
+                return guided(x, t).float()
+
+        shape = (len(indices), out_channels, model.input_size, model.input_size)
+        x = diffusion.sample(model_fn, shape, sampler=args.sampler, steps=args.steps, eta=args.eta,
+                             generator=sample_generators(args.seed, indices, device),
+                             clip_denoised=args.clip_denoised)
+        if vae is not None:
+            x = vae.decode(x / scale_factor).sample  # fp32: the decoder is a small share of the time
+        return model_to_uint8(x).cpu().numpy()  # the one quantization to uint8
+
+    if args.grid:
+        # A picture to look at: one process is enough, other ranks have nothing to do.
+        if world.is_main:
+            try:
+                classes = [int(c) for c in args.classes.split(",")]
+            except ValueError:
+                fail(f"--classes must be comma-separated integers, got {args.classes!r}")
+            if not all(0 <= c < num_classes for c in classes):
+                fail(f"--classes must be in [0, {num_classes}), got {args.classes}")
+            labels = torch.tensor(classes).repeat_interleave(args.per_class)  # row r holds classes[r]
+            images = np.concatenate([generate(range(lo, min(lo + args.batch_size, len(labels))),
+                                              labels[lo:lo + args.batch_size])
+                                     for lo in tqdm(range(0, len(labels), args.batch_size), unit="batch")])
+            save_grid(args.grid, images, rows=len(classes))
+            print(f"saved {args.grid}")
+        cleanup_distributed()
+        return
+
+    # FID batch. Shards are fixed ranges of sample indices, so which rank made one does not matter,
+    # and finished shards (written atomically: present means complete) are skipped on a rerun.
+    if not args.out.endswith(".npz"):
+        fail(f"--out must end in .npz, got {args.out}")
+    if os.path.exists(args.out):
+        fail(f"{args.out} exists; remove it to sample again")
+    shard_dir = args.out + ".shards"
+    starts = range(0, args.num_samples, args.shard_size)
+    shard_paths = [os.path.join(shard_dir, f"shard-{s:06d}.npz") for s in range(len(starts))]
+    shard_sizes = [min(args.shard_size, args.num_samples - lo) for lo in starts]
+
+    # Refuse to mix shards from a run with other settings (batch size and world size may differ).
+    settings = {k: getattr(args, k) for k in ("weights", "sampler", "steps", "eta", "cfg_scale", "cfg_channels",
+                                              "clip_denoised", "precision", "seed", "num_samples", "shard_size")}
+    settings.update(ckpt=os.path.realpath(args.ckpt), ckpt_bytes=os.path.getsize(args.ckpt), vae=vae_id)
+    settings_path = os.path.join(shard_dir, "settings.json")
+    if world.is_main:
+        os.makedirs(shard_dir, exist_ok=True)
+        if not os.path.exists(settings_path):
+            atomic_write(settings_path, lambda f: f.write(json.dumps(settings, indent=2).encode()))
+    barrier()
+    with open(settings_path) as f:
+        recorded = json.load(f)
+    changed = [k for k in settings if recorded.get(k) != settings[k]]
+    if changed:
+        fail(f"{shard_dir} holds shards made with other settings ({changed[0]}: {recorded.get(changed[0])!r} "
+             f"there, {settings[changed[0]]!r} now); use another --out or delete {shard_dir}")
+    todo = [s for s, path in enumerate(shard_paths) if not os.path.exists(path)]
+    barrier()  # every rank lists the finished shards before any rank adds one, so all agree on the split
+    mine = todo[world.rank::world.world_size]
+    if world.is_main:
+        print(f"{len(shard_paths) - len(todo)} of {len(shard_paths)} shards already done; "
+              f"{len(todo)} to sample on {world.world_size} rank(s)")
+
+    progress = tqdm(total=sum(shard_sizes[s] for s in mine), unit="img", disable=not world.is_main)
+    for s in mine:
+        lo, hi = starts[s], starts[s] + shard_sizes[s]
+        images = []
+        for b in range(lo, hi, args.batch_size):
+            indices = range(b, min(b + args.batch_size, hi))
+            images.append(generate(indices, torch.tensor(indices) % num_classes))  # balanced labels
+            progress.update(len(indices))
+        images, labels = np.concatenate(images), np.arange(lo, hi, dtype=np.int64) % num_classes
+        atomic_write(shard_paths[s], lambda f: np.savez(f, arr_0=images, arr_1=labels))
+    progress.close()
+
+    barrier()  # every shard is on disk
+    if world.is_main:
+        with np.load(shard_paths[0]) as first:
+            image_shape = first["arr_0"].shape[1:]
+        atomic_write(args.out, lambda f: write_npz(f, shard_paths, shard_sizes, image_shape))
+        shutil.rmtree(shard_dir)
+        print(f"saved {args.out}: {args.num_samples} images {list(image_shape)}, labels i % {num_classes}")
+    cleanup_distributed()
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Sample a class-conditional diffusion model to a grid or an ADM .npz.")
+    parser.add_argument("--ckpt", required=True, help="exported checkpoint (train.py) or an official DiT .pt")
+    parser.add_argument("--weights", choices=["ema", "model"], default="ema",
+                        help="which weights of an exported checkpoint (official DiT files hold EMA weights)")
+    plain = parser.add_argument_group("plain state dicts (official DiT files); exported checkpoints record these")
+    plain.add_argument("--model", default=None, help=f"model name (default {DIT_DEFAULTS['model']})")
+    plain.add_argument("--image-size", type=int, default=None, help="pixels; the latent is 1/8 (default 256)")
+    plain.add_argument("--num-classes", type=int, default=None, help="default 1000")
+    plain.add_argument("--learn-sigma", action=argparse.BooleanOptionalAction, default=None, help="default on")
+    parser.add_argument("--vae", default=None,
+                        help=f"VAE hub id or local folder for latent models (default: the checkpoint's, "
+                             f"{DIT_DEFAULTS['vae']} for DiT files)")
+    parser.add_argument("--sampler", choices=["ddpm", "ddim", "heun"], default="ddpm")
+    parser.add_argument("--steps", type=int, default=250, help="sampling steps (DiT: DDPM 250)")
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0 = deterministic)")
+    parser.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
+    parser.add_argument("--cfg-channels", type=int, default=None,
+                        help="guide only the first N channels; 3 is DiT's legacy behaviour, which DiT's "
+                             "reported FIDs used (default: all channels)")
+    parser.add_argument("--clip-denoised", action="store_true", help="clip predicted x0 to [-1, 1] (pixel models)")
+    parser.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32",
+                        help="bf16 autocasts the network only")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=32, help="per rank; does not change the images")
+    use = parser.add_mutually_exclusive_group(required=True)
+    use.add_argument("--grid", help="write a PNG grid (rows = --classes, columns = --per-class)")
+    use.add_argument("--out", help="write an ADM .npz of --num-samples class-balanced images")
+    parser.add_argument("--classes", default="0,1,2,3", help="grid: comma-separated class ids")
+    parser.add_argument("--per-class", type=int, default=8, help="grid: images per class")
+    parser.add_argument("--num-samples", type=int, default=50_000, help="npz: number of images")
+    parser.add_argument("--shard-size", type=int, default=1000, help="npz: images per resumable shard")
+    args = parser.parse_args(argv)
+    for name in ("steps", "batch_size", "per_class", "num_samples", "shard_size"):
+        if getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be at least 1")
+    return args
+
+
+if __name__ == "__main__":
+    main(parse_args())
