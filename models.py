@@ -133,7 +133,8 @@ class Denoiser(nn.Module):
         channels when learn_sigma, come from the conditional half.
 
         Unlike official DiT, whose forward_with_cfg takes an already doubled batch [x; x] with labels
-        [y; null] and returns a doubled batch, this takes and returns the plain batch.
+        [y; null] and returns a doubled batch, this takes and returns the plain batch. Call it in eval
+        mode: in training mode label dropout would also hit the conditional half.
         """
         g = self.in_channels if guide_channels is None else guide_channels
         if not 0 < g <= self.in_channels:
@@ -277,11 +278,11 @@ class DiT(Denoiser):
         nn.init.zeros_(self.final_layer.linear.bias)
 
     def forward(self, x, t, y):
-        x = self.x_embedder(x) + self.pos_embed   # [B, T, D], T = H * W / p**2
+        x = self.x_embedder(x) + self.pos_embed      # [B, T, D], T = H * W / p**2
         c = self.t_embedder(t) + self.y_embedder(y)  # [B, D]
-        x = self.run_blocks(x, c)                 # [B, T, D]
-        x = self.final_layer(x, c)                # [B, T, p * p * C_out]
-        return self.unpatchify(x)                 # [B, C_out, H, W]
+        x = self.run_blocks(x, c)                    # [B, T, D]
+        x = self.final_layer(x, c)                   # [B, T, p * p * C_out]
+        return self.unpatchify(x)                    # [B, C_out, H, W]
 
 
 #################################################################################
@@ -303,4 +304,124 @@ DiT_models = {
     for size in ("XL", "L", "B", "S", "Ti") for p in (2, 4, 8)
 }
 
-ALL_MODELS = {**DiT_models}
+
+
+#################################################################################
+#                       ViT (the Min-SNR-γ paper's backbone)                    #
+#################################################################################
+
+class ViTBlock(nn.Module):
+    """Plain pre-norm transformer block: x + attn(LN(x)), then x + mlp(LN(x))."""
+
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), approximate="none")
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        x = x + self.mlp(self.norm2(x))
+        return x
+
+
+class ViT(Denoiser):
+    """The plain ViT that Min-SNR-γ trains (official code: guided_diffusion/vision_transformer.py).
+
+    Recipe, as in the official code: the timestep and the class label each become one token (learned
+    lookup tables) placed in front of the patch tokens, [t, y, patches]; a learned absolute position
+    embedding covers all 2 + T tokens; pre-norm blocks (LayerNorm eps 1e-6 with affine, exact GELU,
+    qkv with bias); no long skip connections and no adaLN; no final LayerNorm (the official model's
+    `norm` is an Identity with its default settings); a linear layer maps each patch token to its
+    patch of output pixels. Initialisation as the official one: truncated-normal(0.02) linears and
+    position embedding, attention/MLP output weights of block l scaled by 1/sqrt(2l), N(0, 1) time and
+    class tables.
+
+    Our departures: the output layer starts at exactly zero (official: 0.001 x truncated normal), so the
+    model outputs 0 at init like DiT; the time table has `max_timesteps` rows (official: 4000, of which
+    a 1000-step diffusion uses 1000); the qkv projection carries a key bias, which the official model
+    leaves out but which cannot change the output (softmax is invariant to adding q.b_k to every logit
+    of a row). `vit_state_dict_from_official` converts official checkpoints.
+    """
+
+    def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=768, depth=12, num_heads=12,
+                 mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=True, max_timesteps=1000):
+        super().__init__(input_size, patch_size, in_channels, num_classes, learn_sigma)
+        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
+        self.t_embedder = nn.Embedding(max_timesteps, hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        num_patches = (input_size // patch_size) ** 2
+        self.pos_embed = nn.Parameter(torch.zeros(1, 2 + num_patches, hidden_size))
+        self.blocks = nn.ModuleList([ViTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.final_layer = nn.Linear(hidden_size, patch_size * patch_size * self.out_channels, bias=True)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        # Keep the residual stream's variance from growing with depth.
+        for layer, block in enumerate(self.blocks, start=1):
+            block.attn.proj.weight.data.div_(math.sqrt(2.0 * layer))
+            block.mlp.fc2.weight.data.div_(math.sqrt(2.0 * layer))
+        nn.init.normal_(self.t_embedder.weight, std=1.0)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=1.0)
+        nn.init.zeros_(self.final_layer.weight)
+        nn.init.zeros_(self.final_layer.bias)
+
+    def forward(self, x, t, y):
+        x = self.x_embedder(x)                                   # [B, T, D]
+        cond = torch.stack([self.t_embedder(t), self.y_embedder(y)], dim=1)  # [B, 2, D]
+        x = torch.cat([cond, x], dim=1) + self.pos_embed         # [B, 2 + T, D]
+        x = self.run_blocks(x)
+        x = self.final_layer(x[:, 2:])                           # [B, T, p * p * C_out]
+        return self.unpatchify(x)                                # [B, C_out, H, W]
+
+
+def vit_state_dict_from_official(official, max_timesteps=1000):
+    """Official Min-SNR ViT checkpoint (e.g. ema_0.9999_xl.pt) -> state dict for our `ViT`.
+
+    Only the renames and the qkv bias layout change: official q_bias and v_bias become one qkv bias
+    with a zero key part, and the time table keeps its first `max_timesteps` rows.
+    """
+    renames = {"patch_embed.": "x_embedder.", "time_embedding.": "t_embedder.",
+               "class_embedding.weight": "y_embedder.embedding_table.weight", "linear_projection.": "final_layer."}
+    ours = {}
+    for key, value in official.items():
+        if key.endswith(".attn.q_bias"):
+            v_bias = official[key.replace("q_bias", "v_bias")]
+            ours[key.replace("q_bias", "qkv.bias")] = torch.cat([value, torch.zeros_like(value), v_bias])
+            continue
+        if key.endswith(".attn.v_bias"):
+            continue
+        for old, new in renames.items():
+            if key.startswith(old):
+                key = new + key[len(old):]
+        ours[key] = value
+    ours["t_embedder.weight"] = ours["t_embedder.weight"][:max_timesteps]
+    return ours
+
+
+#################################################################################
+#                                   ViT configs                                 #
+#################################################################################
+# (depth, hidden_size, num_heads). B, L and XL are the official runs' sizes (B: ImageNet-256 latents;
+# L: depth 21 as in the official ImageNet-64 run; XL: depth 28, the FID 2.06 model); S and Ti as DiT's.
+VIT_SIZES = {"XL": (28, 1152, 16), "L": (21, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6), "Ti": (6, 256, 4)}
+
+
+def _vit_config(depth, hidden_size, num_heads, patch_size):
+    def build(**kwargs):
+        return ViT(depth=depth, hidden_size=hidden_size, num_heads=num_heads, patch_size=patch_size, **kwargs)
+    return build
+
+
+ViT_models = {
+    f"ViT-{size}/{p}": _vit_config(*VIT_SIZES[size], p)
+    for size in ("XL", "L", "B", "S", "Ti") for p in (2, 4)
+}
+
+ALL_MODELS = {**DiT_models, **ViT_models}

@@ -5,7 +5,16 @@ import pytest
 import torch
 
 import models
-from models import DiT, DiT_models, ALL_MODELS
+from models import DiT, DiT_models, ViT, ViT_models, ALL_MODELS
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: extra intra-op threads only add overhead on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def small_models(in_channels=3, learn_sigma=False, **kwargs):
@@ -13,6 +22,7 @@ def small_models(in_channels=3, learn_sigma=False, **kwargs):
     common = dict(input_size=16, in_channels=in_channels, num_classes=10, learn_sigma=learn_sigma, **kwargs)
     return [
         DiT(patch_size=4, hidden_size=64, depth=2, num_heads=2, **common),
+        ViT(patch_size=4, hidden_size=64, depth=2, num_heads=2, **common),
     ]
 
 
@@ -71,6 +81,59 @@ def test_all_official_dit_configs_exist():
         for p in (2, 4, 8):
             assert f"DiT-{size}/{p}" in DiT_models
     assert set(DiT_models) <= set(ALL_MODELS)
+
+
+# --------------------------------------------------------------------------------------------------
+# ViT: the paper's backbone, and loading the official Min-SNR checkpoints
+# --------------------------------------------------------------------------------------------------
+
+def test_vit_configs_and_token_layout():
+    assert {"ViT-S/2", "ViT-B/2", "ViT-L/2", "ViT-XL/2"} <= set(ViT_models)
+    assert set(ViT_models) <= set(ALL_MODELS)
+    with torch.device("meta"):
+        model = ViT_models["ViT-B/2"](input_size=32, in_channels=4, num_classes=1000, learn_sigma=False)
+    assert len(model.blocks) == 12
+    assert model.pos_embed.shape == (1, 2 + 256, 768) and model.pos_embed.requires_grad   # learned, covers [t, y]
+    assert model.t_embedder.weight.shape == (1000, 768)
+    assert model.y_embedder.embedding_table.weight.shape == (1001, 768)
+    assert model.final_layer.weight.shape == (2 * 2 * 4, 768)
+
+
+def test_vit_converts_official_checkpoint_layout():
+    D, nc = 64, 10
+    model = ViT(input_size=16, patch_size=4, in_channels=3, hidden_size=D, depth=2, num_heads=2, num_classes=nc,
+                learn_sigma=False)
+    # The official model's state-dict layout (guided_diffusion/vision_transformer.py, default settings).
+    official = {
+        "pos_embed": torch.randn(1, 2 + 16, D),
+        "patch_embed.proj.weight": torch.randn(D, 3, 4, 4), "patch_embed.proj.bias": torch.randn(D),
+        "time_embedding.weight": torch.randn(4000, D), "class_embedding.weight": torch.randn(nc + 1, D),
+        "linear_projection.weight": torch.randn(4 * 4 * 3, D), "linear_projection.bias": torch.randn(4 * 4 * 3),
+    }
+    for i in range(2):
+        for name, shape in [("norm1.weight", (D,)), ("norm1.bias", (D,)), ("norm2.weight", (D,)), ("norm2.bias", (D,)),
+                            ("attn.qkv.weight", (3 * D, D)), ("attn.q_bias", (D,)), ("attn.v_bias", (D,)),
+                            ("attn.proj.weight", (D, D)), ("attn.proj.bias", (D,)),
+                            ("mlp.fc1.weight", (4 * D, D)), ("mlp.fc1.bias", (4 * D,)),
+                            ("mlp.fc2.weight", (D, 4 * D)), ("mlp.fc2.bias", (D,))]:
+            official[f"blocks.{i}.{name}"] = torch.randn(shape)
+    model.load_state_dict(models.vit_state_dict_from_official(official))   # strict: every key maps
+    qkv_bias = model.blocks[1].attn.qkv.bias.detach()
+    torch.testing.assert_close(qkv_bias[:D], official["blocks.1.attn.q_bias"])
+    assert torch.count_nonzero(qkv_bias[D:2 * D]) == 0
+    torch.testing.assert_close(qkv_bias[2 * D:], official["blocks.1.attn.v_bias"])
+    torch.testing.assert_close(model.t_embedder.weight.detach(), official["time_embedding.weight"][:1000])
+    torch.testing.assert_close(model.final_layer.weight.detach(), official["linear_projection.weight"])
+
+
+def test_key_bias_does_not_change_attention():
+    # Why our fused qkv may carry the key bias that the official ViT leaves out.
+    attn = randomize(models.Attention(32, num_heads=2))
+    x = torch.randn(2, 5, 32)
+    before = attn(x)
+    with torch.no_grad():
+        attn.qkv.bias[32:64].normal_()
+    torch.testing.assert_close(attn(x), before, rtol=1e-5, atol=1e-5)
 
 
 # --------------------------------------------------------------------------------------------------
