@@ -474,7 +474,7 @@ def shard_finished(out, start, end, config):
     for name in meta["files"].values():
         try:
             arr = np.load(os.path.join(out, name), mmap_mode="r")
-        except (OSError, ValueError):
+        except (OSError, ValueError, EOFError):
             return None
         if arr.shape[0] != meta["count"]:
             return None

@@ -76,7 +76,7 @@ class Store:
                 file = os.path.join(path, shard["files"][kind])
                 try:
                     arr = np.load(file, mmap_mode="r")
-                except (OSError, ValueError) as e:
+                except (OSError, ValueError, EOFError) as e:
                     raise StoreError(f"store {path} is damaged: cannot read {file} ({e})") from None
                 if arr.shape[0] != shard["count"]:
                     raise StoreError(f"store {path} is damaged: {file} has {arr.shape[0]} rows, "
