@@ -52,7 +52,8 @@ def load_model(args):
         ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=True)
     except Exception as e:  # weights_only refuses pickled objects such as DiT's argparse.Namespace
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        fail(f"cannot load {args.ckpt} with torch.load(weights_only=True): {reason}")
+        fail(f"cannot load {args.ckpt} with torch.load(weights_only=True) ({reason}); a DiT training "
+             f"checkpoint pickles its args: save its 'ema' state dict alone and pass that")
 
     plain_flags = {k: getattr(args, k) for k in ("model", "image_size", "num_classes", "learn_sigma")}
     if isinstance(ckpt, dict) and {"model", "ema", "args"} <= ckpt.keys():
@@ -64,8 +65,11 @@ def load_model(args):
         model_kwargs = {k: v for k, v in a["model"].items() if k != "name"}
         name, state = a["model"]["name"], ckpt[args.weights]
         diffusion = GaussianDiffusion(**a["diffusion"])
-        latent = a["data"]["mode"] == "latents"
-        vae, scale_factor = (args.vae or a["data"]["vae"], a["data"]["scale_factor"]) if latent else (None, None)
+        vae, scale_factor = None, None
+        if a["data"]["mode"] == "latents":
+            vae, scale_factor = args.vae or a["data"]["vae"], a["data"]["scale_factor"]
+            if vae is None:
+                fail(f"{args.ckpt} is a latent model but records no VAE; pass --vae")
     elif isinstance(ckpt, dict) and ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
         # An official DiT file: a latent model on the SD VAE, linear schedule, eps target.
         flags = {k: DIT_DEFAULTS[k] if v is None else v for k, v in plain_flags.items()}
@@ -119,6 +123,29 @@ def sample_generators(seed, indices, device):
     return [torch.Generator(device).manual_seed((offset + int(i)) % 2**32) for i in indices]
 
 
+def denoise(model, diffusion, indices, labels, args):
+    """Run args.sampler for the given sample indices and labels -> model-space samples [B, C, h, w]."""
+    device = next(model.parameters()).device
+    guided = guided_model_fn(model, labels.to(device), args.cfg_scale, guide_channels=args.cfg_channels)
+
+    def model_fn(x, t):
+        # Only the network runs in bf16; the sampler's arithmetic stays in full precision.
+        with torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16"):
+            return guided(x, t).float()
+
+    shape = (len(indices), model.in_channels, model.input_size, model.input_size)
+    return diffusion.sample(model_fn, shape, sampler=args.sampler, steps=args.steps, eta=args.eta,
+                            generator=sample_generators(args.seed, indices, device),
+                            clip_denoised=args.clip_denoised)
+
+
+def decode(x, vae, scale_factor):
+    """Model-space samples -> uint8 numpy [B, H, W, 3], through the VAE for latent models."""
+    if vae is not None:
+        x = vae.decode(x / scale_factor).sample  # fp32: the decoder is a small share of the time
+    return model_to_uint8(x).cpu().numpy()  # the one quantization to uint8
+
+
 def save_grid(path, images, rows, pad=2):
     """images: uint8 [rows*cols, H, W, 3] in row-major order -> one PNG with black gutters."""
     n, h, w, _ = images.shape
@@ -162,28 +189,12 @@ def main(args):
     if latent and args.clip_denoised:
         fail("--clip-denoised is for pixel models only: latents are not confined to [-1, 1]")
     vae = load_vae(vae_id, device) if latent else None
-    out_channels = model.in_channels
-    if args.cfg_channels is not None and not 1 <= args.cfg_channels <= out_channels:
-        fail(f"--cfg-channels must be in [1, {out_channels}], got {args.cfg_channels}")
+    if args.cfg_channels is not None and not 1 <= args.cfg_channels <= model.in_channels:
+        fail(f"--cfg-channels must be in [1, {model.in_channels}], got {args.cfg_channels}")
     num_classes = model.num_classes
 
     def generate(indices, labels):
-        """Sample the given indices with the given labels -> uint8 numpy [B, H, W, 3]."""
-        y = labels.to(device)
-        guided = guided_model_fn(model, y, args.cfg_scale, guide_channels=args.cfg_channels)
-
-        def model_fn(x, t):
-            # Only the network runs in bf16; the sampler's arithmetic stays in full precision.
-            with torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16"):
-                return guided(x, t).float()
-
-        shape = (len(indices), out_channels, model.input_size, model.input_size)
-        x = diffusion.sample(model_fn, shape, sampler=args.sampler, steps=args.steps, eta=args.eta,
-                             generator=sample_generators(args.seed, indices, device),
-                             clip_denoised=args.clip_denoised)
-        if vae is not None:
-            x = vae.decode(x / scale_factor).sample  # fp32: the decoder is a small share of the time
-        return model_to_uint8(x).cpu().numpy()  # the one quantization to uint8
+        return decode(denoise(model, diffusion, indices, labels, args), vae, scale_factor)
 
     if args.grid:
         # A picture to look at: one process is enough, other ranks have nothing to do.
@@ -292,7 +303,9 @@ def parse_args(argv=None):
     parser.add_argument("--num-samples", type=int, default=50_000, help="npz: number of images")
     parser.add_argument("--shard-size", type=int, default=1000, help="npz: images per resumable shard")
     args = parser.parse_args(argv)
-    for name in ("steps", "batch_size", "per_class", "num_samples", "shard_size"):
+    if args.steps < 2:
+        fail(f"--steps must be at least 2, got {args.steps}")  # every sampler needs a start and an end level
+    for name in ("batch_size", "per_class", "num_samples", "shard_size"):
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be at least 1")
     return args
