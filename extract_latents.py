@@ -524,7 +524,7 @@ def main(argv=None):
     parser.add_argument("--skip-bad", action="store_true", help="skip unreadable/non-image files and empty classes, recording them")
     parser.add_argument("--shard-size", type=int, default=4096, help="items per shard (fixes the output layout)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per decode/encode batch")
-    parser.add_argument("--num-workers", type=int, default=4, help="decode processes per rank")
+    parser.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1), help="decode processes per rank")
     args = parser.parse_args(argv)
     if args.image_size <= 0 or args.shard_size <= 0 or args.batch_size <= 0:
         raise SystemExit("--image-size, --shard-size and --batch-size must be positive")
