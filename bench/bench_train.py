@@ -1,0 +1,158 @@
+"""Training throughput (images/s) and model FLOP utilisation of train.py's step, on synthetic data.
+
+    python bench/bench_train.py --models DiT-Ti/4 --input-size 32 --in-channels 3 --batch-size 32   # CPU
+    python bench/bench_train.py --models DiT-B/2 DiT-XL/2 --input-size 32 --in-channels 4 \\
+        --batch-size 64 --dtype bf16 --compile both --checkpointing both                      # one GPU
+
+The step is train.py's own (FSDP2 world of one, MixedPrecisionPolicy, AdamW, grad-norm, EMA update);
+only the data is synthetic. MFU = model FLOPs per second / the matmul rate measured in the same run,
+same device and dtype (a large square matmul), so it reads "fraction of attainable matmul throughput".
+
+Model FLOPs are counted analytically from one forward pass at batch 1: 2·in·out per token for every
+Linear, 2·weight·positions for convolutions, 4·T²·D per attention call (QKᵀ and AV). Training FLOPs =
+3 × forward (backward ≈ 2 × forward). The recomputation of activation checkpointing is not counted,
+so a checkpointed run shows a lower MFU for the same hardware work, as is the convention.
+"""
+import argparse
+import itertools
+import os
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import train  # noqa: E402
+from diffusion import GaussianDiffusion  # noqa: E402
+from models import ALL_MODELS  # noqa: E402
+
+
+def forward_flops_per_image(name, input_size, in_channels, learn_sigma):
+    """Analytic forward FLOPs for one image, from the layer shapes seen in one forward pass."""
+    model = ALL_MODELS[name](input_size=input_size, in_channels=in_channels, num_classes=1000,
+                             learn_sigma=learn_sigma, class_dropout_prob=0.1).eval()
+    total = 0
+
+    def count_layer(module, inputs, output):
+        nonlocal total
+        if isinstance(module, nn.Linear):
+            total += 2 * module.in_features * module.out_features * (inputs[0].numel() // module.in_features)
+        else:   # Conv2d: each output position is a dot product over the weight's fan-in
+            total += 2 * module.weight[0].numel() * output.numel()
+
+    def count_attention(q, k, v, *args, **kwargs):
+        nonlocal total
+        total += 4 * q.shape[:-2].numel() * q.shape[-2] * k.shape[-2] * q.shape[-1]   # 4·T²·D summed over heads
+        return sdpa(q, k, v, *args, **kwargs)
+
+    hooks = [m.register_forward_hook(count_layer) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    sdpa, F.scaled_dot_product_attention = F.scaled_dot_product_attention, count_attention
+    try:
+        with torch.no_grad():
+            model(torch.randn(1, in_channels, input_size, input_size), torch.tensor([500]), torch.tensor([0]))
+    finally:
+        F.scaled_dot_product_attention = sdpa
+        for h in hooks:
+            h.remove()
+    params = sum(p.numel() for p in model.parameters())
+    return total, params
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(device, dtype, n, repeats=10):
+    """Achieved FLOP/s of an n×n @ n×n matmul: the attainable ceiling MFU is measured against."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    synchronize(device)
+    return 2 * n**3 * repeats / (time.perf_counter() - start)
+
+
+def bench_one(args, world, name, compiled, checkpointing):
+    """Seconds per training step of `name` with train.py's step (after warm-up) and peak memory."""
+    cfg = train.unflatten(dict(train.DEFAULTS_FLAT))
+    cfg["model"].update(name=name, learn_sigma=args.learn_sigma, compile=compiled, gradient_checkpointing=checkpointing)
+    cfg["train"]["precision"] = args.dtype
+    margs = {"name": name, "input_size": args.input_size, "in_channels": args.in_channels, "num_classes": 1000,
+             "learn_sigma": args.learn_sigma, "class_dropout_prob": 0.1}
+    model, ema = train.build_models(cfg, margs, world.device)
+    optimizer = train.build_optimizer(cfg, model, world.device)
+    diffusion = GaussianDiffusion(learn_sigma=args.learn_sigma)
+    b, c, s = args.batch_size, args.in_channels, args.input_size
+    batch = (torch.randn(b, c, s, s, device=world.device), torch.randint(0, 1000, (b,), device=world.device),
+             diffusion.sample_timesteps(b, device=world.device), torch.randn(b, c, s, s, device=world.device))
+    if world.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(world.device)
+    for i in range(args.warmup + args.steps):
+        if i == args.warmup:
+            synchronize(world.device)
+            start = time.perf_counter()
+        train.forward_backward(model, diffusion, [batch], num_buckets=10)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        train.update_ema(ema, model, 0.9999)
+    synchronize(world.device)
+    seconds = (time.perf_counter() - start) / args.steps
+    memory = train.peak_memory_gb(world.device)
+    del model, ema, optimizer
+    if world.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return seconds, memory
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=["DiT-Ti/4"])
+    parser.add_argument("--input-size", type=int, default=32, help="model input side (latents: image size / 8)")
+    parser.add_argument("--in-channels", type=int, default=4)
+    parser.add_argument("--learn-sigma", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                        help="compute dtype (train.precision); master weights stay fp32")
+    parser.add_argument("--compile", choices=["off", "on", "both"], default="off", help="per-block torch.compile")
+    parser.add_argument("--checkpointing", choices=["off", "on", "both"], default="off", help="activation checkpointing")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
+    parser.add_argument("--matmul-size", type=int, default=None, help="side of the peak-rate matmul (default: 8192 GPU, 1024 CPU)")
+    args = parser.parse_args()
+
+    world = train.init_world()
+    if world.device.type == "cuda":
+        torch.set_float32_matmul_precision("high")   # as train.py
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    n = args.matmul_size or (8192 if world.device.type == "cuda" else 1024)
+    peak = matmul_peak(world.device, dtype, n)
+    device_name = torch.cuda.get_device_name(world.device) if world.device.type == "cuda" else \
+        f"CPU ({torch.get_num_threads()} threads)"
+    print(f"device: {device_name}; torch {torch.__version__}; measured {args.dtype} matmul peak "
+          f"({n}x{n}): {peak / 1e12:.2f} TFLOP/s")
+    print(f"batch {args.batch_size}, input {args.in_channels}x{args.input_size}x{args.input_size}, "
+          f"learn_sigma {args.learn_sigma}; GFLOP/img = training FLOPs per image = 3 x analytic forward (recompute not counted)")
+    print(f"{'model':<10} {'params':>8} {'GFLOP/img':>10} {'dtype':>5} {'compile':>7} {'ckpt':>4} "
+          f"{'img/s':>9} {'step ms':>9} {'TFLOP/s':>8} {'MFU':>6} {'mem GB':>7}")
+    choices = {"off": [False], "on": [True], "both": [False, True]}
+    for name, compiled, checkpointing in itertools.product(args.models, choices[args.compile],
+                                                           choices[args.checkpointing]):
+        forward, params = forward_flops_per_image(name, args.input_size, args.in_channels, args.learn_sigma)
+        seconds, memory = bench_one(args, world, name, compiled, checkpointing)
+        images = args.batch_size / seconds
+        achieved = 3 * forward * images
+        print(f"{name:<10} {params / 1e6:>7.1f}M {3 * forward / 1e9:>10.2f} {args.dtype:>5} "
+              f"{'on' if compiled else 'off':>7} {'on' if checkpointing else 'off':>4} {images:>9.1f} "
+              f"{seconds * 1e3:>9.1f} {achieved / 1e12:>8.3f} {achieved / peak:>6.1%} {memory:>7.2f}", flush=True)
+    train.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()

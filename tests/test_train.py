@@ -1,0 +1,253 @@
+"""train.py on CPU with gloo: FSDP2 world-size independence, exact resume, fault tolerance, errors.
+
+Multi-process runs go through `python -m torch.distributed.run` (torchrun) in subprocesses on a tiny
+pixel store written here in store.py's format, with a tiny DiT (DiT-Ti/4 at 16x16, 16 tokens).
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+import store as store_lib
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = str(ROOT / "train.py")
+
+
+def make_store(path, n=48, size=16, classes=4):
+    """A pixel store in store.py's format: class c = a colour and a stripe direction, so a model can
+    learn it (and its loss can fall) in a few dozen steps."""
+    path.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, classes, n).astype(np.int64)
+    yy, xx = np.mgrid[:size, :size]
+    images = np.empty((n, size, size, 3), np.uint8)
+    for i, c in enumerate(labels):
+        stripes = ((xx if c % 2 else yy) // 2 % 2) * 120
+        images[i] = np.stack([stripes + 60 * c, 200 - stripes, 40 * c + 20 * (xx > size // 2)], -1)
+    files = {"images": f"0-{n}.images.npy", "labels": f"0-{n}.labels.npy"}
+    np.save(path / files["images"], images)
+    np.save(path / files["labels"], labels)
+    shard = {"count": n, "files": files, "sha256": {k: store_lib.sha256_file(path / f) for k, f in files.items()}}
+    manifest = {"format": store_lib.FORMAT, "version": store_lib.VERSION, "mode": "pixels", "count": n,
+                "image_size": size, "shape": [3, size, size], "dtype": "uint8", "flip": False,
+                "num_classes": classes, "class_names": [f"class{i}" for i in range(classes)], "vae": None,
+                "scale_factor": None, "skipped": [], "checksum": store_lib.combined_checksum([shard]),
+                "tool_version": "test", "source": "test", "shards": [shard]}
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_store(tmp_path_factory.mktemp("store") / "pixels")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny_args(data, results, name, *sets):
+    base = [f"run.results_dir={results}", f"run.name={name}", f"data.path={data}", "model.name=DiT-Ti/4",
+            "train.global_batch_size=8", "train.log_every=1", "optim.lr=1e-3", "train.ema_warmup=true",
+            "checkpoint.every=1", "checkpoint.keep_last=10", "train.tensorboard=false"]
+    return [a for s in base + list(sets) for a in ("--set", s)]
+
+
+def launch(args, nproc, env=None, torchrun_args=(), check=True):
+    """Run train.py as a world of `nproc` (plain python for 1, torchrun otherwise)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    if nproc == 1 and not torchrun_args:
+        cmd = [sys.executable, TRAIN, *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+               f"--master-port={free_port()}", *torchrun_args, TRAIN, *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def load_dcp(run_dir, step, tmp_path):
+    """The whole sharded checkpoint as one plain dict (model, optim, ema, progress, rng)."""
+    out = tmp_path / f"{run_dir.name}-{step}.pt"
+    dcp_to_torch_save(run_dir / "checkpoints" / f"step-{step:07d}", out)
+    return torch.load(out, weights_only=False)
+
+
+def flat_tensors(tree, prefix=""):
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in flat_tensors(sub, f"{prefix}{key}/").items()}
+    if isinstance(tree, list):
+        return {k: v for i, sub in enumerate(tree) for k, v in flat_tensors(sub, f"{prefix}{i}/").items()}
+    return {prefix: torch.as_tensor(tree)} if isinstance(tree, (torch.Tensor, int, float)) else {}
+
+
+def max_diff(a, b, sections):
+    fa = {k: v for k, v in flat_tensors(a).items() if k.split("/")[0] in sections}
+    fb = {k: v for k, v in flat_tensors(b).items() if k.split("/")[0] in sections}
+    assert fa.keys() == fb.keys() and fa
+    return max((fa[k].double() - fb[k].double()).abs().max().item() for k in fa)
+
+
+@pytest.fixture(scope="module")
+def one_rank(data, tmp_path_factory):
+    """4 steps on one process, label dropout off (it draws from per-rank RNG, so it is the one thing
+    that may depend on the world size)."""
+    results = tmp_path_factory.mktemp("one")
+    launch(tiny_args(data, results, "run", "train.steps=4", "model.class_dropout_prob=0.0"), 1)
+    return results / "run"
+
+
+def test_world_size_independence_and_reshard(data, one_rank, tmp_path):
+    """FSDP correctness: 2 ranks take the same steps as 1 rank on the same global batch. Then the 2-rank
+    checkpoint resumes on 1 rank (DCP reshards) and ends where the 1-rank run ends. Tolerance, not
+    bitwise: the gradient of a 2-rank batch is summed in another order."""
+    off = ("model.class_dropout_prob=0.0",)
+    launch(tiny_args(data, tmp_path, "run", "train.steps=2", *off), 2)
+    for step in (1, 2):
+        a, b = load_dcp(one_rank, step, tmp_path), load_dcp(tmp_path / "run", step, tmp_path)
+        assert max_diff(a, b, {"model", "ema", "optim"}) < 1e-6, step
+    launch(tiny_args(data, tmp_path, "run", "train.steps=4", *off), 1)   # resume 2 ranks -> 1 rank
+    a, b = load_dcp(one_rank, 4, tmp_path), load_dcp(tmp_path / "run", 4, tmp_path)
+    assert max_diff(a, b, {"model", "ema", "optim"}) < 1e-5
+    assert int(b["progress"]["step"]) == 4 and int(b["progress"]["world_size"]) == 1
+
+
+def test_resume_is_bitwise_exact(data, one_rank, tmp_path):
+    """2 steps, stop, resume for 2 more: model, EMA, optimizer state, RNG and the exported file equal the
+    straight run bit for bit (CPU, same world size and thread count: the same operations replayed on
+    the same inputs). The 2-rank case with label dropout is test_killed_worker_restarts_and_resumes."""
+    args = tiny_args(data, tmp_path, "run", "model.class_dropout_prob=0.0")
+    launch(args + ["--set", "train.steps=2"], 1)
+    launch(args + ["--set", "train.steps=4"], 1)
+    assert max_diff(load_dcp(one_rank, 4, tmp_path), load_dcp(tmp_path / "run", 4, tmp_path),
+                    {"model", "ema", "optim", "rng", "progress"}) == 0
+    a = torch.load(one_rank / "checkpoints" / "step-0000004.pt", weights_only=True)
+    b = torch.load(tmp_path / "run" / "checkpoints" / "step-0000004.pt", weights_only=True)
+    assert all(torch.equal(a[part][k], b[part][k]) for part in ("model", "ema") for k in a[part])
+
+
+@pytest.fixture(scope="module")
+def straight(data, tmp_path_factory):
+    """4 steps on 2 ranks in one go, label dropout on (exercises the per-rank RNG)."""
+    results = tmp_path_factory.mktemp("straight")
+    launch(tiny_args(data, results, "run", "train.steps=4", "model.class_dropout_prob=0.5"), 2)
+    return results / "run"
+
+
+@pytest.mark.slow
+def test_killed_worker_restarts_and_resumes(data, straight, tmp_path):
+    """Rank 1 dies before step 3; torchrun restarts both workers, which resume from the step-2
+    checkpoint and finish with exactly the straight run's state, per-rank label-dropout RNG included."""
+    proc = launch(tiny_args(data, tmp_path, "run", "train.steps=4", "model.class_dropout_prob=0.5"), 2,
+                  env={train.CRASH_ENV: "2"}, torchrun_args=["--max-restarts=1"])
+    assert (tmp_path / "run" / "crashed-once").exists()
+    assert "resumed from" in proc.stdout + proc.stderr
+    assert max_diff(load_dcp(straight, 4, tmp_path), load_dcp(tmp_path / "run", 4, tmp_path),
+                    {"model", "ema", "optim", "rng"}) == 0
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]   # steps logged by the dead run after its checkpoint are dropped
+
+
+def test_export_format(one_rank):
+    """The single-file export: plain dicts, models.py's keys, loadable with weights_only=True."""
+    ckpt = torch.load(one_rank / "checkpoints" / "step-0000004.pt", weights_only=True)
+    args = ckpt["args"]
+    model = train.ALL_MODELS[args["model"]["name"]](**{k: v for k, v in args["model"].items() if k != "name"})
+    assert list(ckpt["model"]) == list(model.state_dict())
+    model.load_state_dict(ckpt["ema"])
+    assert args["step"] == 4 and args["data"]["mode"] == "pixels" and args["diffusion"]["weighting"] == "min_snr"
+    assert args["config"]["model"]["name"] == "DiT-Ti/4"
+    kept = sorted(p.name for p in (one_rank / "checkpoints").iterdir())
+    assert kept == [f"step-{s:07d}" for s in (1, 2, 3, 4)] + ["step-0000004.pt"]
+
+
+def test_sigterm_saves_and_exits_zero(data, tmp_path):
+    args = tiny_args(data, tmp_path, "run", "train.steps=100000", "checkpoint.every=100000")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, TRAIN, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and metrics.read_text().strip()) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    saved = train.checkpoint_dirs(tmp_path / "run")
+    last = json.loads(metrics.read_text().splitlines()[-1])["step"]
+    assert len(saved) == 1 and saved[0].name == f"step-{last:07d}"
+
+
+def test_non_finite_loss_stops_with_clear_error(data, tmp_path):
+    """An absurd learning rate blows the weights up; the run stops naming the step and never saves the
+    non-finite state."""
+    proc = launch(tiny_args(data, tmp_path, "run", "train.steps=50", "optim.lr=1e30"), 1, check=False)
+    assert proc.returncode == 1
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("train.py: error: non-finite")]
+    assert len(lines) == 1 and " at step " in lines[0], proc.stderr[-2000:]
+    bad_step = int(lines[0].split(" at step ")[1].split(";")[0])
+    saved = train.checkpoint_dirs(tmp_path / "run")
+    assert saved and saved[-1].name == f"step-{bad_step - 1:07d}"
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["optim.lrr=1e-3"], "unknown config key 'optim.lrr' in --set (did you mean 'optim.lr'?)"),
+    (["train.steps=ten"], "config key 'train.steps' expects int, got 'ten'"),
+    (["model.name=DiT-XL2"], "unknown model.name 'DiT-XL2' (did you mean 'DiT-XL/2'?)"),
+    (["data.path=/nonexistent/store"], "store not found: /nonexistent/store"),
+    (["data.mode=latents"], "holds pixels, but latents were asked for"),
+    (["train.global_batch_size=7", "train.grad_accum=2"], "not divisible by world size 1 x train.grad_accum 2"),
+])
+def test_bad_config_and_store_give_one_line_errors(data, tmp_path, capsys, monkeypatch, sets, message):
+    """Checked in-process (no training starts): one line on stderr, exit status 1."""
+    args = tiny_args(data, tmp_path, "run") + [a for s in sets for a in ("--set", s)]
+    monkeypatch.setattr(sys, "argv", ["train.py", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        train.main()
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("train.py: error: ") and message in err, err
+
+
+def test_config_precedence_and_saved_config(tmp_path):
+    config = tmp_path / "exp.yaml"
+    config.write_text("optim:\n  lr: 3e-4\n  betas: [0.99, 0.99]\ntrain:\n  steps: 7\n")
+    cfg, name = train.load_config(["--config", str(config), "--set", "train.steps=9"])
+    assert name == "exp" and cfg["optim"]["lr"] == 3e-4 and cfg["optim"]["betas"] == [0.99, 0.99]
+    assert cfg["train"]["steps"] == 9 and cfg["optim"]["weight_decay"] == 0.0
+    shipped = sorted((ROOT / "configs").glob("*.yaml"))
+    assert len(shipped) >= 5
+    for path in shipped:   # every shipped config parses and names its loss explicitly
+        train.load_config(["--config", str(path)])
+        named = train.flatten(yaml.safe_load(path.read_text()))
+        assert {"diffusion.weighting", "diffusion.gamma", "diffusion.target", "diffusion.schedule"} <= set(named)
+
+
+def test_quickstart_config_trains_and_loss_falls(data, tmp_path):
+    """configs/quickstart.yaml end to end (shortened, on the test store): the loss falls."""
+    args = ["--config", str(ROOT / "configs" / "quickstart.yaml")] + [
+        a for s in (f"run.results_dir={tmp_path}", f"data.path={data}", "data.image_size=16", "train.steps=40",
+                    "train.global_batch_size=16", "train.log_every=5", "checkpoint.every=40",
+                    "model.name=DiT-Ti/4", "optim.warmup_steps=5", "optim.lr=1e-3") for a in ("--set", s)]
+    launch(args, 1)
+    records = [json.loads(ln) for ln in (tmp_path / "quickstart" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(5, 41, 5))
+    assert records[-1]["loss"] < 0.6 * records[0]["loss"], [r["loss"] for r in records]
+    assert len(records[-1]["loss_by_t_bucket"]) >= 10 and records[-1]["images_per_s"] > 0
+    assert (tmp_path / "quickstart" / "config.yaml").exists()
+    assert (tmp_path / "quickstart" / "checkpoints" / "step-0000040.pt").exists()

@@ -1,0 +1,617 @@
+"""Train a class-conditional diffusion transformer with Min-SNR-γ loss weighting (Hang et al., ICCV 2023).
+
+    python train.py --config configs/quickstart.yaml                        # one process
+    torchrun --nproc-per-node=8 train.py --config configs/imagenet256_dit_xl2.yaml --set optim.lr=2e-4
+
+One code path for one CPU process and many GPUs on many nodes: FSDP2 (`fully_shard` per transformer
+block, then the root), fp32 master weights and optimizer, an fp32 EMA twin sharded the same way,
+sharded resumable checkpoints (torch.distributed.checkpoint). Started again with the same arguments
+it resumes from its newest complete checkpoint, which is what lets `torchrun --max-restarts` survive a
+dead worker. Data order and all per-sample randomness are functions of (seed, step, global sample
+index) only, so the result does not depend on how many ranks share the batch.
+"""
+import argparse
+import copy
+import difflib
+import functools
+import json
+import math
+import os
+import re
+import resource
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import yaml
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from tqdm import tqdm
+
+from diffusion import GaussianDiffusion
+from distributed import atomic_write, barrier, cleanup_distributed, init_distributed
+from models import ALL_MODELS
+from store import open_store, uint8_to_model
+
+# Every config key and its default. A YAML file overrides these, `--set key=value` overrides the YAML;
+# a key not listed here is an error.
+DEFAULTS = {
+    "run": {
+        "name": None,               # run directory name; None = the config file's stem
+        "results_dir": "results",   # the run lives in <results_dir>/<name>
+        "seed": 0,
+    },
+    "data": {
+        "path": "data/quickstart",  # a store written by extract_latents.py
+        "mode": None,               # "pixels" | "latents": checked against the store (None = accept either)
+        "image_size": None,         # checked against the store (None = accept any)
+        "random_flip": True,        # horizontal flips: drawn from the store's flipped copies, or flipped here for pixels
+    },
+    "model": {
+        "name": "DiT-S/2",
+        "learn_sigma": False,
+        "class_dropout_prob": 0.1,  # label dropout for classifier-free guidance (null label = num_classes)
+        "gradient_checkpointing": False,
+        "compile": False,           # torch.compile each transformer block
+    },
+    "diffusion": {
+        "schedule": "linear",
+        "num_timesteps": 1000,
+        "target": "eps",
+        "weighting": "min_snr",
+        "gamma": 5.0,
+        "zero_terminal_snr": False,
+    },
+    "optim": {
+        "lr": 1e-4,
+        "betas": [0.9, 0.999],
+        "weight_decay": 0.0,
+        "eps": 1e-8,
+        "warmup_steps": 0,          # linear LR warm-up from lr/warmup_steps to lr
+        "grad_clip": 0.0,           # max global grad norm; 0 = no clipping (the norm is logged either way)
+    },
+    "train": {
+        "steps": 1000,
+        "global_batch_size": 256,   # images per optimizer step, summed over ranks and micro-batches
+        "grad_accum": 1,            # micro-batches per step on each rank
+        "precision": "fp32",        # "fp32" | "bf16" (bf16 compute, fp32 master weights and gradient reduction)
+        "ema_decay": 0.9999,
+        "ema_warmup": False,        # decay min(ema_decay, (1+step)/(10+step)): lets short runs' EMA track the model
+        "log_every": 10,
+        "num_buckets": 10,          # timestep buckets of the logged per-t losses
+        "tensorboard": True,        # also write TensorBoard events when tensorboard is installed
+    },
+    "checkpoint": {
+        "every": 1000,              # sharded DCP checkpoint every N steps (and at the end / on SIGTERM)
+        "keep_last": 3,             # sharded checkpoints kept
+        "export_every": 0,          # single-file export every N steps (0 = only at the end); never deleted
+    },
+}
+
+ORDER_STREAM, STEP_STREAM, RANK_STREAM = 0, 1, 2   # independent random streams derived from run.seed
+CRASH_ENV = "MINSNR_TEST_CRASH_STEP"               # test-only: the last rank dies once at this step (see main)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Configuration
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def flatten(tree, prefix=""):
+    """{"a": {"b": 1}} -> {"a.b": 1}."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def unflatten(flat):
+    tree = {}
+    for key, value in flat.items():
+        *parents, leaf = key.split(".")
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
+def check_type(key, default, value):
+    """Return `value` with the type of `default`, or raise ConfigError naming the key."""
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+    elif isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):   # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(default, list):
+        if isinstance(value, list) and len(value) == len(default):
+            return [check_type(f"{key}[{i}]", d, v) for i, (d, v) in enumerate(zip(default, value))]
+    elif isinstance(value, type(default)):
+        return value
+    raise ConfigError(f"config key '{key}' expects {type(default).__name__}"
+                      f"{f' of length {len(default)}' if isinstance(default, list) else ''}, got {value!r}")
+
+
+def apply_overrides(flat, overrides, source):
+    for key, value in overrides.items():
+        if key not in flat:
+            close = difflib.get_close_matches(key, list(flat), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown config key '{key}' in {source}{hint}")
+        flat[key] = check_type(key, DEFAULTS_FLAT[key], value)
+
+
+DEFAULTS_FLAT = flatten(DEFAULTS)
+
+
+def load_config(argv):
+    """Defaults <- YAML file <- `--set key=value` (values parsed as YAML). Returns (config, run name)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", help="YAML file overriding train.py's DEFAULTS")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one config key, e.g. --set optim.lr=2e-4 (repeatable)")
+    args = parser.parse_args(argv)
+    flat = dict(DEFAULTS_FLAT)
+    if args.config:
+        try:
+            with open(args.config) as f:
+                tree = yaml.safe_load(f) or {}
+        except OSError as e:
+            raise ConfigError(f"cannot read config {args.config}: {e.strerror}")
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config {args.config} is not a mapping of sections")
+        apply_overrides(flat, flatten(tree), args.config)
+    for item in args.set:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects KEY=VALUE, got '{item}'")
+        apply_overrides(flat, {key.strip(): yaml.safe_load(text)}, "--set")
+    cfg = unflatten(flat)
+    name = cfg["run"]["name"] or (Path(args.config).stem if args.config else "default")
+    validate(cfg)
+    return cfg, name
+
+
+def validate(cfg):
+    """Choices that DEFAULTS' types cannot express; diffusion.py checks its own names."""
+    name = cfg["model"]["name"]
+    if name not in ALL_MODELS:
+        close = difflib.get_close_matches(name, list(ALL_MODELS), n=1)
+        raise ConfigError(f"unknown model.name '{name}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+    if cfg["train"]["precision"] not in ("fp32", "bf16"):
+        raise ConfigError(f"train.precision must be 'fp32' or 'bf16', got '{cfg['train']['precision']}'")
+    for key in ("train.steps", "train.global_batch_size", "train.grad_accum", "train.log_every",
+                "train.num_buckets", "checkpoint.every", "checkpoint.keep_last"):
+        section, leaf = key.split(".")
+        if cfg[section][leaf] < 1:
+            raise ConfigError(f"config key '{key}' must be >= 1, got {cfg[section][leaf]}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Process group, seeds, data
+
+
+def init_world():
+    world = init_distributed()
+    if not dist.is_initialized():
+        # Plain `python train.py`: FSDP2 and DCP want a process group; a world of one needs no rendezvous.
+        backend = "nccl" if world.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return world
+
+
+def seed_for(*keys):
+    """A seed for the random stream named by integers (seed, stream, index): streams never collide."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0])
+
+
+@functools.lru_cache(maxsize=2)
+def epoch_permutation(seed, count, epoch):
+    return np.random.default_rng(seed_for(seed, ORDER_STREAM, epoch)).permutation(count)
+
+
+def sample_indices(seed, count, start, n):
+    """Store indices of global sample positions [start, start+n) of the endless stream made of one
+    permutation per epoch. A function of (seed, position) only: any world size, any resume point."""
+    positions = np.arange(start, start + n)
+    epochs = positions // count
+    indices = np.empty(n, dtype=np.int64)
+    for epoch in np.unique(epochs):
+        rows = epochs == epoch
+        indices[rows] = epoch_permutation(seed, count, int(epoch))[positions[rows] % count]
+    return indices
+
+
+def step_randomness(seed, step, diffusion, batch, shape):
+    """t, flips, diffusion noise and posterior noise for the whole GLOBAL batch of `step`, drawn in a
+    fixed order from a generator seeded by (seed, step): every rank slices out its own rows, so a row's
+    randomness does not depend on the world size."""
+    g = torch.Generator().manual_seed(seed_for(seed, STEP_STREAM, step))
+    t = diffusion.sample_timesteps(batch, generator=g)
+    flips = torch.rand(batch, generator=g) < 0.5
+    noise = torch.randn(batch, *shape, generator=g)
+    posterior_noise = torch.randn(batch, *shape, generator=g)   # latent stores draw x0 from N(mean, std²)
+    return t, flips, noise, posterior_noise
+
+
+def load_x0(store, indices, flips, posterior_noise):
+    """Model-space x0 [B,C,H,W] float32 and labels [B] for store rows `indices`."""
+    stored_flips = bool(store.manifest.get("flip"))
+    data, labels = store.read(indices, flips.numpy() if stored_flips else None)
+    if store.manifest["mode"] == "latents":
+        mean, std = (torch.from_numpy(np.asarray(a, dtype=np.float32)) for a in data)
+        x0 = (mean + std * posterior_noise) * store.manifest["scale_factor"]
+    else:
+        x0 = uint8_to_model(torch.from_numpy(np.asarray(data)))
+        if not stored_flips:   # pixels flip exactly; latents cannot be flipped after encoding
+            x0 = torch.where(flips[:, None, None, None], x0.flip(-1), x0)
+    return x0, torch.from_numpy(np.asarray(labels, dtype=np.int64))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model, EMA, optimizer
+
+
+def model_args(cfg, store):
+    c, h, _ = store.manifest["shape"]
+    return {"name": cfg["model"]["name"], "input_size": h, "in_channels": c, "num_classes": store.num_classes,
+            "learn_sigma": cfg["model"]["learn_sigma"], "class_dropout_prob": cfg["model"]["class_dropout_prob"]}
+
+
+def build_models(cfg, margs, device):
+    """The FSDP2-sharded model and its EMA twin. Same seed on every rank, so every rank starts from
+    the same weights before sharding."""
+    torch.manual_seed(cfg["run"]["seed"])
+    model = ALL_MODELS[margs["name"]](**{k: v for k, v in margs.items() if k != "name"}).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)   # before sharding: a sharded module cannot be deep-copied
+    model.gradient_checkpointing = cfg["model"]["gradient_checkpointing"]
+    if cfg["model"]["compile"]:
+        for block in model.blocks:
+            block.compile()
+    bf16 = cfg["train"]["precision"] == "bf16"
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else torch.float32, reduce_dtype=torch.float32)
+    for m in (model, ema):
+        for block in m.blocks:
+            fully_shard(block, mp_policy=mp)
+        fully_shard(m, mp_policy=mp)
+    return model, ema
+
+
+def build_optimizer(cfg, model, device):
+    o = cfg["optim"]
+    return torch.optim.AdamW(model.parameters(), lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"],
+                             weight_decay=o["weight_decay"], fused=device.type == "cuda")
+
+
+def lr_at(cfg, step):
+    """Learning rate of optimizer step `step` (0-based): linear warm-up, then constant (the paper's)."""
+    warmup = cfg["optim"]["warmup_steps"]
+    return cfg["optim"]["lr"] * (min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0)
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    """ema <- decay*ema + (1-decay)*model on each rank's own fp32 shards: no communication."""
+    ema_shards = [p.to_local() for p in ema.parameters()]
+    model_shards = [p.to_local() for p in model.parameters()]
+    torch._foreach_lerp_(ema_shards, model_shards, 1.0 - decay)
+
+
+def forward_backward(model, diffusion, micro_batches, num_buckets):
+    """Forward and backward over this rank's micro-batches (gradients accumulate; FSDP averages them
+    over ranks). Returns float64 sums to all-reduce: [loss·n, mse, n, weighted per bucket, mse per
+    bucket, count per bucket]."""
+    stats = []
+    for x0, y, t, noise in micro_batches:
+        x_t = diffusion.q_sample(x0, t, noise)
+        out = model(x_t, t, y).float()   # bf16 compute returns bf16; the loss is taken in fp32
+        losses = diffusion.training_losses(out, x0, t, noise)
+        (losses["loss"] / len(micro_batches)).backward()
+        n = x0.shape[0]
+        w_sums, counts = diffusion.bucket_sums(losses["weighted"].detach(), t, num_buckets)
+        m_sums, _ = diffusion.bucket_sums(losses["mse"].detach(), t, num_buckets)
+        head = torch.stack([losses["loss"].detach().double() * n, losses["mse"].detach().double().sum(),
+                            torch.tensor(float(n), dtype=torch.float64, device=x0.device)])
+        stats.append(torch.cat([head, w_sums.to(head), m_sums.to(head), counts.to(head)]))
+    return torch.stack(stats).sum(0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def checkpoint_dirs(run_dir):
+    """Complete sharded checkpoints, oldest first: a directory counts once DCP has written .metadata
+    (it does so last)."""
+    root = run_dir / "checkpoints"
+    found = [p for p in root.glob("step-*") if p.is_dir() and re.fullmatch(r"step-\d{7}", p.name)]
+    return sorted((p for p in found if (p / ".metadata").exists()), key=lambda p: p.name)
+
+
+def rng_state(device):
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def training_state(model, ema, optimizer, step, samples_seen, world):
+    """The DCP state dict. Same-named entries keep rank 0's value, so each rank's RNG (label dropout)
+    goes under its own key."""
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    progress = {k: torch.tensor(v, dtype=torch.int64)
+                for k, v in (("step", step), ("samples_seen", samples_seen), ("world_size", world.world_size))}
+    return {"model": model_sd, "optim": optim_sd, "ema": get_model_state_dict(ema), "progress": progress,
+            "rng": {f"rank{world.rank}": rng_state(world.device)}}
+
+
+def save_checkpoint(run_dir, model, ema, optimizer, step, samples_seen, world, keep_last):
+    path = run_dir / "checkpoints" / f"step-{step:07d}"
+    if world.is_main and path.exists():
+        shutil.rmtree(path)   # an incomplete save of this step by an earlier, interrupted run
+    barrier()
+    dcp.save(training_state(model, ema, optimizer, step, samples_seen, world), checkpoint_id=path)
+    barrier()
+    if world.is_main:   # keep the newest `keep_last`; drop everything older, complete or not
+        kept = checkpoint_dirs(run_dir)[-keep_last:]
+        for old in (run_dir / "checkpoints").glob("step-*"):
+            if old.is_dir() and old.name < kept[0].name:
+                shutil.rmtree(old)
+
+
+def load_checkpoint(path, model, ema, optimizer, world):
+    """Restore model, EMA, optimizer (resharded by DCP to this world size) and progress. Each rank's
+    RNG is restored only onto the same world size; otherwise ranks reseed (see main)."""
+    progress = {k: torch.tensor(0, dtype=torch.int64) for k in ("step", "samples_seen", "world_size")}
+    dcp.load({"progress": progress}, checkpoint_id=path)
+    state = training_state(model, ema, optimizer, 0, 0, world)
+    same_world = int(progress["world_size"]) == world.world_size
+    if not same_world:
+        del state["rng"]
+    del state["progress"]
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_model_state_dict(ema, state["ema"])
+    if same_world:
+        rng = state["rng"][f"rank{world.rank}"]
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"], world.device)
+    return int(progress["step"]), int(progress["samples_seen"])
+
+
+def export_checkpoint(path, model, ema, args, world):
+    """Single-file {"model", "ema", "args"} with full tensors and models.py's own keys, for sample.py
+    and DiT-style tools. Gathering is a collective: every rank calls this; rank 0 writes."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_sd = get_model_state_dict(model, options=options)
+    ema_sd = get_model_state_dict(ema, options=options)
+    if world.is_main:
+        atomic_write(path, lambda f: torch.save({"model": model_sd, "ema": ema_sd, "args": args}, f))
+    barrier()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Logging
+
+
+def peak_memory_gb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # Linux reports KiB
+
+
+def metrics_record(step, totals, steps, seconds, cfg, grad_norm, device):
+    """One metrics.jsonl line from the all-reduced sums of the last `steps` steps."""
+    k = cfg["train"]["num_buckets"]
+    loss_sum, mse_sum, n = totals[:3].tolist()
+    w_sums, m_sums, counts = totals[3:3 + k], totals[3 + k:3 + 2 * k], totals[3 + 2 * k:3 + 3 * k]
+
+    def per_bucket(sums):
+        return [round(s / c, 6) if c > 0 else None for s, c in zip(sums.tolist(), counts.tolist())]
+
+    return {"step": step, "loss": loss_sum / n, "mse": mse_sum / n, "grad_norm": grad_norm,
+            "lr": lr_at(cfg, step - 1), "images_per_s": cfg["train"]["global_batch_size"] * steps / seconds,
+            "step_time_s": seconds / steps, "peak_mem_gb": round(peak_memory_gb(device), 3),
+            "loss_by_t_bucket": per_bucket(w_sums), "mse_by_t_bucket": per_bucket(m_sums)}
+
+
+def open_tensorboard(cfg, run_dir):
+    if not cfg["train"]["tensorboard"]:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:   # optional dependency
+        return None
+    return SummaryWriter(run_dir / "tensorboard")
+
+
+def truncate_metrics(path, step):
+    """Drop lines logged after the checkpoint we resume from: those steps are about to be redone."""
+    if path.exists():
+        lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+        atomic_write(path, lambda f: f.write("".join(ln + "\n" for ln in lines).encode()))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Main
+
+
+STOP = {"requested": False}
+
+
+def request_stop(signum, frame):
+    """First SIGTERM/SIGINT: finish the step, save, exit 0. A second one acts as usual."""
+    STOP["requested"] = True
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def fail(message):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"train.py: error: {message}", file=sys.stderr, flush=True)
+    cleanup_distributed()
+    sys.exit(1)
+
+
+def main():
+    try:
+        cfg, run_name = load_config(sys.argv[1:])
+    except ConfigError as e:
+        fail(str(e))
+    try:
+        store = open_store(cfg["data"]["path"], mode=cfg["data"]["mode"], image_size=cfg["data"]["image_size"])
+    except (OSError, ValueError) as e:
+        fail(str(e))
+    world = init_world()
+    if world.device.type == "cuda":
+        torch.set_float32_matmul_precision("high")   # TF32 for fp32 matmuls, as DiT trains
+    t_cfg, seed = cfg["train"], cfg["run"]["seed"]
+    batch, accum = t_cfg["global_batch_size"], t_cfg["grad_accum"]
+    if batch % (world.world_size * accum):
+        fail(f"train.global_batch_size {batch} is not divisible by world size {world.world_size} "
+             f"x train.grad_accum {accum}")
+    local_batch, micro = batch // world.world_size, batch // world.world_size // accum
+
+    run_dir = Path(cfg["run"]["results_dir"]) / run_name
+    margs = model_args(cfg, store)
+    dargs = {**cfg["diffusion"], "learn_sigma": cfg["model"]["learn_sigma"]}
+    try:
+        diffusion = GaussianDiffusion(**dargs)
+    except ValueError as e:
+        fail(str(e))
+    export_args = {"config": cfg, "model": margs, "diffusion": dargs,
+                   "data": {"mode": store.manifest["mode"], "image_size": store.manifest["image_size"],
+                            "vae": store.manifest.get("vae"), "scale_factor": store.manifest.get("scale_factor"),
+                            "class_names": list(store.class_names)}}
+    if world.is_main:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        atomic_write(run_dir / "config.yaml", lambda f: f.write(yaml.safe_dump(cfg, sort_keys=False).encode()))
+    barrier()
+
+    model, ema = build_models(cfg, margs, world.device)
+    optimizer = build_optimizer(cfg, model, world.device)
+    torch.manual_seed(seed_for(seed, RANK_STREAM, world.rank))   # per-rank stream: the model's label dropout
+    step, samples_seen = 0, 0
+    complete = checkpoint_dirs(run_dir)
+    if complete:
+        step, samples_seen = load_checkpoint(complete[-1], model, ema, optimizer, world)
+        if world.is_main:
+            truncate_metrics(run_dir / "metrics.jsonl", step)
+            print(f"train.py: resumed from {complete[-1]} (step {step})", flush=True)
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    crash_step = int(os.environ.get(CRASH_ENV, -1))
+    tb = open_tensorboard(cfg, run_dir) if world.is_main else None
+    shape = tuple(store.manifest["shape"])
+    num_buckets = t_cfg["num_buckets"]
+    totals, logged_steps, t_log = 0, 0, time.perf_counter()
+    bar = tqdm(total=t_cfg["steps"], initial=step, disable=not world.is_main, dynamic_ncols=True, desc=run_name)
+    model.train()
+
+    while step < t_cfg["steps"]:
+        # Test-only fault injection (used by tests/test_train.py): the last rank dies once, mid-run.
+        if step == crash_step and world.rank == world.world_size - 1:
+            marker = run_dir / "crashed-once"
+            if not marker.exists():
+                marker.touch()
+                os._exit(1)
+
+        # This rank's rows [rank*local_batch, (rank+1)*local_batch) of the global batch; micro-batches
+        # are contiguous sub-slices of those rows.
+        rows = slice(world.rank * local_batch, (world.rank + 1) * local_batch)
+        indices = sample_indices(seed, len(store), samples_seen, batch)[rows]
+        t, flips, noise, posterior_noise = (a[rows] for a in step_randomness(seed, step, diffusion, batch, shape))
+        flips &= cfg["data"]["random_flip"]
+        x0, y = load_x0(store, indices, flips, posterior_noise)
+        micro_batches = [tuple(a[i:i + micro].to(world.device, non_blocking=True) for a in (x0, y, t, noise))
+                         for i in range(0, local_batch, micro)]
+
+        stats = forward_backward(model, diffusion, micro_batches, num_buckets)
+        max_norm = cfg["optim"]["grad_clip"] if cfg["optim"]["grad_clip"] > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        grad_norm = grad_norm.full_tensor()   # a DTensor under FSDP2
+        # One all-reduce per step: loss sums, bucket sums and the stop flag, so all ranks agree.
+        flag = torch.tensor([float(STOP["requested"])], dtype=torch.float64, device=world.device)
+        packed = torch.cat([stats, flag])
+        dist.all_reduce(packed)
+        packed = packed.cpu()
+        grad_norm = float(grad_norm)
+        loss = float(packed[0] / packed[2])
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            bar.close()
+            fail(f"non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {step + 1}; stopped without "
+                 f"saving, last checkpoint: {checkpoint_dirs(run_dir)[-1].name if checkpoint_dirs(run_dir) else 'none'}")
+
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(cfg, step)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        samples_seen += batch
+        decay = min(t_cfg["ema_decay"], (1 + step) / (10 + step)) if t_cfg["ema_warmup"] else t_cfg["ema_decay"]
+        update_ema(ema, model, decay)
+
+        totals, logged_steps = totals + packed[:-1], logged_steps + 1
+        bar.update(1)
+        if step % t_cfg["log_every"] == 0 or step == t_cfg["steps"]:
+            seconds = time.perf_counter() - t_log
+            record = metrics_record(step, totals, logged_steps, seconds, cfg, grad_norm, world.device)
+            if world.is_main:
+                with open(run_dir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.1f}")
+                if tb is not None:
+                    for key, value in record.items():
+                        if isinstance(value, float):
+                            tb.add_scalar(key, value, step)
+            totals, logged_steps, t_log = 0, 0, time.perf_counter()
+
+        stop = bool(packed[-1] > 0)
+        if step % cfg["checkpoint"]["every"] == 0 or step == t_cfg["steps"] or stop:
+            save_checkpoint(run_dir, model, ema, optimizer, step, samples_seen, world, cfg["checkpoint"]["keep_last"])
+        every_export = cfg["checkpoint"]["export_every"]
+        if every_export > 0 and step % every_export == 0 and step != t_cfg["steps"]:
+            export_checkpoint(run_dir / "checkpoints" / f"step-{step:07d}.pt", model, ema,
+                              {**export_args, "step": step}, world)
+        if stop:
+            if world.is_main:
+                print(f"\ntrain.py: stopped by signal after step {step}; checkpoint saved", flush=True)
+            break
+    bar.close()
+
+    if step >= t_cfg["steps"]:   # also when resumed at the end: a crash may have come before the export
+        export_checkpoint(run_dir / "checkpoints" / f"step-{step:07d}.pt", model, ema,
+                          {**export_args, "step": step}, world)
+    if tb is not None:
+        tb.close()
+    cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()
