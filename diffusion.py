@@ -356,9 +356,9 @@ class GaussianDiffusion:
         """EDM σ levels (Karras et al. eq. 5, ρ = 7) from σ_max down to σ_min = σ(0), each rounded to the
         nearest training σ (EDM's round_sigma for discrete models); returns (sigmas float64, timesteps long).
 
-        σ_max = min(80, σ(T−1)) as in EDM and the official Min-SNR sampler (the paper's 2.06): above
-        σ ≈ 80 the input is noise for any data in [-1, 1]·few, and the cosine schedule's σ(T−1) ≈ 2·10⁴
-        would spend most of the ρ-grid there. A zero-terminal-SNR σ(T−1) = inf is never chosen.
+        σ_max = min(80, σ(T−1)) as in EDM and the official Min-SNR sampler (the paper's 2.06): at σ = 80
+        the input is already pure noise for unit-scale data, and the cosine schedule's σ(T−1) ≈ 2·10⁴
+        would spend most of the ρ-grid above it. A zero-terminal-SNR σ(T−1) = inf is never chosen.
         """
         if steps < 2:
             raise ValueError(f"heun needs steps >= 2, got {steps}")
