@@ -471,6 +471,19 @@ def request_stop(signum, frame):
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+def check_resumable(run_dir, margs):
+    """A run directory with checkpoints can only be resumed by a model of the same shape: say so in
+    one line instead of a DCP size-mismatch traceback."""
+    saved = run_dir / "model.json"
+    if not (checkpoint_dirs(run_dir) and saved.exists()):
+        return
+    shape_keys = ("name", "input_size", "in_channels", "num_classes", "learn_sigma")
+    before, now = json.loads(saved.read_text()), {k: margs[k] for k in shape_keys}
+    if {k: before.get(k) for k in shape_keys} != now:
+        fail(f"{run_dir} holds checkpoints of model {before}, but this config and data store give {now}: "
+             f"resume with the same model and store, or choose another run.name")
+
+
 def fail(message):
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"train.py: error: {message}", file=sys.stderr, flush=True)
@@ -487,6 +500,9 @@ def main():
         store = open_store(cfg["data"]["path"], mode=cfg["data"]["mode"], image_size=cfg["data"]["image_size"])
     except (OSError, ValueError) as e:
         fail(str(e))
+    run_dir = Path(cfg["run"]["results_dir"]) / run_name
+    margs = model_args(cfg, store)
+    check_resumable(run_dir, margs)
     world = init_world()
     if world.device.type == "cuda":
         torch.set_float32_matmul_precision("high")   # TF32 for fp32 matmuls, as DiT trains
@@ -497,8 +513,6 @@ def main():
              f"x train.grad_accum {accum}")
     local_batch, micro = batch // world.world_size, batch // world.world_size // accum
 
-    run_dir = Path(cfg["run"]["results_dir"]) / run_name
-    margs = model_args(cfg, store)
     dargs = {**cfg["diffusion"], "learn_sigma": cfg["model"]["learn_sigma"]}
     try:
         diffusion = GaussianDiffusion(**dargs)
@@ -511,6 +525,7 @@ def main():
     if world.is_main:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         atomic_write(run_dir / "config.yaml", lambda f: f.write(yaml.safe_dump(cfg, sort_keys=False).encode()))
+        atomic_write(run_dir / "model.json", lambda f: f.write(json.dumps(margs).encode()))
     barrier()
 
     model, ema = build_models(cfg, margs, world.device)

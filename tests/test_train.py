@@ -25,26 +25,36 @@ ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "train.py")
 
 
-def make_store(path, n=48, size=16, classes=4):
-    """A pixel store in store.py's format: class c = a colour and a stripe direction, so a model can
-    learn it (and its loss can fall) in a few dozen steps."""
+def make_store(path, n=48, size=16, classes=4, mode="pixels", flip=False):
+    """A store in store.py's format. Pixels: class c = a colour and a stripe direction, so a model can
+    learn it (and its loss can fall) in a few dozen steps. Latents: random posterior mean/std [4, s/8, s/8]."""
     path.mkdir(parents=True)
     rng = np.random.default_rng(0)
     labels = rng.integers(0, classes, n).astype(np.int64)
-    yy, xx = np.mgrid[:size, :size]
-    images = np.empty((n, size, size, 3), np.uint8)
-    for i, c in enumerate(labels):
-        stripes = ((xx if c % 2 else yy) // 2 % 2) * 120
-        images[i] = np.stack([stripes + 60 * c, 200 - stripes, 40 * c + 20 * (xx > size // 2)], -1)
-    files = {"images": f"0-{n}.images.npy", "labels": f"0-{n}.labels.npy"}
-    np.save(path / files["images"], images)
-    np.save(path / files["labels"], labels)
+    if mode == "pixels":
+        yy, xx = np.mgrid[:size, :size]
+        images = np.empty((n, size, size, 3), np.uint8)
+        for i, c in enumerate(labels):
+            stripes = ((xx if c % 2 else yy) // 2 % 2) * 120
+            images[i] = np.stack([stripes + 60 * c, 200 - stripes, 40 * c + 20 * (xx > size // 2)], -1)
+        arrays, shape = {"images": images}, [3, size, size]
+    else:
+        shape = [4, size // 8, size // 8]
+        arrays = {"mean": rng.standard_normal((n, *shape)).astype(np.float32),
+                  "std": rng.uniform(0.1, 1.0, (n, *shape)).astype(np.float32)}
+    if flip:   # orientation axis after N: 0 = original, 1 = flipped
+        arrays = {k: np.stack([a, a[..., ::-1, :] if k == "images" else a[..., ::-1]], 1) for k, a in arrays.items()}
+    arrays["labels"] = labels
+    files = {k: f"0-{n}.{k}.npy" for k in arrays}
+    for kind, array in arrays.items():
+        np.save(path / files[kind], array)
     shard = {"count": n, "files": files, "sha256": {k: store_lib.sha256_file(path / f) for k, f in files.items()}}
-    manifest = {"format": store_lib.FORMAT, "version": store_lib.VERSION, "mode": "pixels", "count": n,
-                "image_size": size, "shape": [3, size, size], "dtype": "uint8", "flip": False,
-                "num_classes": classes, "class_names": [f"class{i}" for i in range(classes)], "vae": None,
-                "scale_factor": None, "skipped": [], "checksum": store_lib.combined_checksum([shard]),
-                "tool_version": "test", "source": "test", "shards": [shard]}
+    manifest = {"format": store_lib.FORMAT, "version": store_lib.VERSION, "mode": mode, "count": n,
+                "image_size": size, "shape": shape, "dtype": "uint8" if mode == "pixels" else "float32",
+                "flip": flip, "num_classes": classes, "class_names": [f"class{i}" for i in range(classes)],
+                "vae": None if mode == "pixels" else "test-vae", "scale_factor": None if mode == "pixels" else 0.18215,
+                "skipped": [], "checksum": store_lib.combined_checksum([shard]), "tool_version": "test",
+                "source": "test", "shards": [shard]}
     (path / "manifest.json").write_text(json.dumps(manifest))
     return path
 
@@ -113,11 +123,12 @@ def one_rank(data, tmp_path_factory):
 
 
 def test_world_size_independence_and_reshard(data, one_rank, tmp_path):
-    """FSDP correctness: 2 ranks take the same steps as 1 rank on the same global batch. Then the 2-rank
+    """FSDP correctness: 2 ranks, each accumulating 2 micro-batches, take the same steps as 1 rank on the
+    same global batch in one micro-batch. Then the 2-rank
     checkpoint resumes on 1 rank (DCP reshards) and ends where the 1-rank run ends. Tolerance, not
     bitwise: the gradient of a 2-rank batch is summed in another order."""
     off = ("model.class_dropout_prob=0.0",)
-    launch(tiny_args(data, tmp_path, "run", "train.steps=2", *off), 2)
+    launch(tiny_args(data, tmp_path, "run", "train.steps=2", "train.grad_accum=2", *off), 2)
     for step in (1, 2):
         a, b = load_dcp(one_rank, step, tmp_path), load_dcp(tmp_path / "run", step, tmp_path)
         assert max_diff(a, b, {"model", "ema", "optim"}) < 1e-6, step
@@ -222,6 +233,44 @@ def test_bad_config_and_store_give_one_line_errors(data, tmp_path, capsys, monke
     assert exit_info.value.code == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("train.py: error: ") and message in err, err
+
+
+def test_batches_from_latent_and_pixel_stores(data, tmp_path):
+    """Latents: x0 = (mean + std·noise)·scale_factor from the stored orientation the flip picks.
+    Pixels without stored flips: flipped here, exactly."""
+    latents = store_lib.open_store(make_store(tmp_path / "latents", n=6, mode="latents", flip=True))
+    mean, std = (np.load(tmp_path / "latents" / f"0-6.{k}.npy") for k in ("mean", "std"))
+    noise = torch.randn(2, 4, 2, 2)
+    x0, y = train.load_x0(latents, np.array([3, 1]), torch.tensor([False, True]), noise)
+    expected = torch.stack([torch.from_numpy(mean[3, 0] + std[3, 0] * noise[0].numpy()),
+                            torch.from_numpy(mean[1, 1] + std[1, 1] * noise[1].numpy())]) * 0.18215
+    torch.testing.assert_close(x0, expected)
+    assert torch.equal(y, torch.from_numpy(latents.labels[[3, 1]]))
+    pixels = store_lib.open_store(data)
+    x0, _ = train.load_x0(pixels, np.array([5, 5]), torch.tensor([False, True]), None)
+    assert torch.equal(x0[1], x0[0].flip(-1)) and not torch.equal(x0[0], x0[1])
+
+
+def test_data_order_does_not_depend_on_world_size():
+    """The global batch is a slice of one permutation per epoch: any split of positions reads the same
+    indices, epochs are permutations, and batches straddle epoch ends."""
+    whole = train.sample_indices(seed=3, count=10, start=4, n=20)
+    parts = np.concatenate([train.sample_indices(3, 10, 4 + i, 5) for i in range(0, 20, 5)])
+    assert np.array_equal(whole, parts)
+    assert sorted(train.sample_indices(3, 10, 10, 10)) == list(range(10))
+    assert not np.array_equal(train.sample_indices(3, 10, 0, 10), train.sample_indices(3, 10, 10, 10))
+
+
+def test_resume_with_another_model_is_one_line_error(one_rank, tmp_path, capsys, monkeypatch):
+    """A run directory with checkpoints refuses a model of another shape (here: from a store with other
+    classes and size) instead of failing inside DCP."""
+    other = make_store(tmp_path / "other", n=8, size=32, classes=3)
+    args = tiny_args(other, one_rank.parent, one_rank.name)
+    monkeypatch.setattr(sys, "argv", ["train.py", *args])
+    with pytest.raises(SystemExit):
+        train.main()
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "holds checkpoints of model" in err and "another run.name" in err, err
 
 
 def test_config_precedence_and_saved_config(tmp_path):
