@@ -22,7 +22,6 @@ import datetime
 import hashlib
 import importlib.util
 import json
-import math
 import os
 import sys
 import zipfile
@@ -430,6 +429,8 @@ def open_reference(path, limit=None):
                 raise EvalError(f"reference {path}: mu {ref['mu'].shape} / sigma {ref['sigma'].shape} are not pool3 (2048) statistics")
             if "mu_s" in ref and ref["mu_s"].shape != (SPATIAL_DIM,):
                 raise EvalError(f"reference {path}: mu_s {ref['mu_s'].shape} is not ADM's spatial ({SPATIAL_DIM}) statistic")
+            if "features" in ref and (ref["features"].ndim != 2 or ref["features"].shape[1] != POOL_DIM):
+                raise EvalError(f"reference {path}: features {ref['features'].shape} are not pool3 features [N, {POOL_DIM}]")
             if not all(np.isfinite(ref[k]).all() for k in ref if k != "features"):
                 raise EvalError(f"reference {path}: statistics contain NaN or inf")
             ref["images"] = ImageSource(path) if "arr_0" in keys and "features" not in keys else None
@@ -507,14 +508,15 @@ def run(args):
         if ref["images"] is not None and not args.no_pr:  # ADM reference batch: P&R needs its images' features
             ref_stats["features"] = compute_features(net, ref["images"], args.batch_size, device, desc="reference")["features"]
 
-    metrics = {"FID": frechet_distance(stats["mu"], stats["sigma"], ref_stats["mu"], ref_stats["sigma"])}
+    metrics, notes = {"FID": frechet_distance(stats["mu"], stats["sigma"], ref_stats["mu"], ref_stats["sigma"])}, []
     if "mu_s" in ref_stats:
         metrics["sFID"] = frechet_distance(stats["mu_s"], stats["sigma_s"], ref_stats["mu_s"], ref_stats["sigma_s"])
-    pr_note = ""
+    else:
+        notes.append("sFID skipped: the reference has no mu_s/sigma_s (a pytorch-fid statistics file?)")
     if args.no_pr or "features" not in ref_stats:
-        pr_note = "precision/recall skipped" + ("" if args.no_pr else ": the reference has no images or features")
+        notes.append("precision/recall skipped" + ("" if args.no_pr else ": the reference has no images or features"))
     elif min(n, len(ref_stats["features"])) <= PR_K:
-        pr_note = f"precision/recall skipped: needs more than k={PR_K} images per set"
+        notes.append(f"precision/recall skipped: needs more than k={PR_K} images per set")
     else:
         metrics["precision"], metrics["recall"] = precision_recall(
             torch.from_numpy(ref_stats["features"]).to(device), torch.from_numpy(stats["features"]).to(device))
@@ -541,8 +543,8 @@ def run(args):
         print(f"{name + '-' + count_label(n):<16}{value:>12.4f}")
     ref_n = "N unknown" if n_ref is None else f"N={n_ref}"
     print(f"\nsamples: {args.samples} (N={n}); reference: {args.ref} ({ref_n})")
-    if pr_note:
-        print(pr_note)
+    for note in notes:
+        print(note)
     print(f"results: {out}")
 
 

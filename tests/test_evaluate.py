@@ -290,21 +290,29 @@ def test_cli_end_to_end(tmp_path, net, monkeypatch, capsys):
     with np.load(tmp_path / "stats.npz") as f:
         assert f["mu"].shape == (2048,) and f["sigma_s"].shape == (2023, 2023) and f["features"].shape == (6, 2048)
         assert int(f["count"]) == 6
-    fids = {}
-    for ref_arg in ("stats.npz", "ref.npz"):
+    with np.load(tmp_path / "stats.npz") as f:
+        np.savez(tmp_path / "pfid.npz", mu=f["mu"], sigma=f["sigma"])              # pytorch-fid's stats layout
+        np.savez(tmp_path / "adm.npz", mu=f["mu"], sigma=f["sigma"], mu_s=f["mu_s"], sigma_s=f["sigma_s"], arr_0=ref)
+    results = {}
+    for ref_arg in ("stats.npz", "ref.npz", "adm.npz", "pfid.npz"):
         out = tmp_path / f"eval-{ref_arg}.json"
         monkeypatch.setattr(sys, "argv", ["evaluate.py", str(tmp_path / "samples.npz"), "--ref", str(tmp_path / ref_arg),
                                           "--out", str(out)])
         E.main()
-        res = json.loads(out.read_text())
-        assert set(res["metrics"]) == {"FID", "sFID", "precision", "recall"}
-        assert res["num_samples"] == 6 and res["num_reference"] == 6 and res["weights_sha256"] == "test-sha"
-        assert res["metrics"]["precision"] >= 0.5  # the first 3 samples are reference images
+        res = results[ref_arg] = json.loads(out.read_text())
+        assert res["num_samples"] == 6 and res["weights_sha256"] == "test-sha"
         assert len(res["reference_sha256"]) == 64 and res["date"]
-        fids[ref_arg] = res["metrics"]["FID"]
-    # the same reference through saved statistics or through its images gives the same number
-    assert fids["stats.npz"] == pytest.approx(fids["ref.npz"], rel=1e-9)
-    assert "FID-6" in capsys.readouterr().out
+    for ref_arg in ("stats.npz", "ref.npz", "adm.npz"):
+        metrics = results[ref_arg]["metrics"]
+        assert set(metrics) == {"FID", "sFID", "precision", "recall"} and results[ref_arg]["num_reference"] == 6
+        assert metrics["precision"] >= 0.5  # the first 3 samples are reference images
+        # the same reference as saved statistics, as images, or as an ADM reference batch: the same numbers
+        for name, value in metrics.items():
+            assert value == pytest.approx(results["ref.npz"]["metrics"][name], rel=1e-9), (ref_arg, name)
+    assert set(results["pfid.npz"]["metrics"]) == {"FID"} and results["pfid.npz"]["num_reference"] is None
+    assert results["pfid.npz"]["metrics"]["FID"] == pytest.approx(results["ref.npz"]["metrics"]["FID"], rel=1e-9)
+    printed = capsys.readouterr().out
+    assert "FID-6" in printed and "sFID skipped" in printed
 
 
 def _write(tmp_path, name, **arrays):
@@ -329,6 +337,8 @@ def test_bad_inputs_are_clear_errors(tmp_path):
          "lacks 'sigma_s'"),
         (lambda: E.open_reference(_write(tmp_path, "r3.npz", mu=np.full(2048, np.nan), sigma=np.eye(2048))), "NaN"),
         (lambda: E.open_reference(_write(tmp_path, "r4.npz", mu=np.zeros(64), sigma=np.eye(64))), "pool3"),
+        (lambda: E.open_reference(_write(tmp_path, "r5.npz", mu=np.zeros(2048), sigma=np.eye(2048),
+                                         features=np.zeros((5, 64), np.float32))), "pool3 features"),
     ]
     for make, message in cases:
         with pytest.raises(E.EvalError, match=message):
