@@ -229,6 +229,8 @@ class ImageSource:
 
     def __init__(self, path, limit=None):
         self.path = path
+        if not os.path.exists(path):
+            raise EvalError(f"{path}: no such file or folder")
         if os.path.isdir(path) and os.path.exists(os.path.join(path, "manifest.json")):
             import store  # only needed for pixel stores
             try:
@@ -242,8 +244,11 @@ class ImageSource:
             self.kind, n = "folder", len(self.files)
         elif path.endswith(".npz"):
             self.kind = "npz"
-            with zipfile.ZipFile(path) as z, z.open(self._npz_member(z)) as f:
-                shape, dtype = self._read_npy_header(f)
+            try:
+                with zipfile.ZipFile(path) as z, z.open(self._npz_member(z)) as f:
+                    shape, dtype = self._read_npy_header(f)
+            except zipfile.BadZipFile:
+                raise EvalError(f"{path}: not a valid .npz (zip) file") from None
             _check_array_meta(path, shape, dtype)
             n = shape[0]
         elif path.endswith(".npy"):
@@ -415,8 +420,11 @@ def open_reference(path, limit=None):
     holds plus `images` (an ImageSource over arr_0, for precision/recall, or None); anything else -> an
     ImageSource to compute statistics from."""
     if path.endswith(".npz") and os.path.isfile(path):
-        with zipfile.ZipFile(path) as z:
-            keys = {n[:-4] for n in z.namelist() if n.endswith(".npy")}
+        try:
+            with zipfile.ZipFile(path) as z:
+                keys = {n[:-4] for n in z.namelist() if n.endswith(".npy")}
+        except zipfile.BadZipFile:
+            raise EvalError(f"reference {path}: not a valid .npz (zip) file") from None
         if "mu" in keys or "sigma" in keys:
             if limit is not None:
                 raise EvalError(f"--ref-limit applies to reference images, but {path} holds statistics")
