@@ -146,15 +146,15 @@ def main():
     print(f"{'model':<10} {'params':>8} {'GFLOP/img':>10} {'dtype':>5} {'compile':>7} {'ckpt':>4} "
           f"{'img/s':>9} {'step ms':>9} {'TFLOP/s':>8} {'MFU':>6} {'mem GB':>7}")
     choices = {"off": [False], "on": [True], "both": [False, True]}
-    for name, compiled, checkpointing in itertools.product(args.models, choices[args.compile],
-                                                           choices[args.checkpointing]):
+    for name in args.models:
         forward, params = forward_flops_per_image(name, args.input_size, args.in_channels, args.learn_sigma)
-        seconds, memory = bench_one(args, world, name, compiled, checkpointing)
-        images = args.batch_size / seconds
-        achieved = 3 * forward * images
-        print(f"{name:<10} {params / 1e6:>7.1f}M {3 * forward / 1e9:>10.2f} {args.dtype:>5} "
-              f"{'on' if compiled else 'off':>7} {'on' if checkpointing else 'off':>4} {images:>9.1f} "
-              f"{seconds * 1e3:>9.1f} {achieved / 1e12:>8.3f} {achieved / peak:>6.1%} {memory:>7.2f}", flush=True)
+        for compiled, checkpointing in itertools.product(choices[args.compile], choices[args.checkpointing]):
+            seconds, memory = bench_one(args, world, name, compiled, checkpointing)
+            images = args.batch_size / seconds
+            achieved = 3 * forward * images
+            print(f"{name:<10} {params / 1e6:>7.1f}M {3 * forward / 1e9:>10.2f} {args.dtype:>5} "
+                  f"{'on' if compiled else 'off':>7} {'on' if checkpointing else 'off':>4} {images:>9.1f} "
+                  f"{seconds * 1e3:>9.1f} {achieved / 1e12:>8.3f} {achieved / peak:>6.1%} {memory:>7.2f}", flush=True)
     train.cleanup_distributed()
 
 
