@@ -21,8 +21,9 @@ class World:
 
 
 def init_distributed() -> World:
-    """Join the torchrun process group (NCCL on GPUs, gloo on CPUs); a plain `python` launch is a
-    world of one with no process group. Multi-node safe: the GPU is picked by LOCAL_RANK."""
+    """Join the torchrun process group (NCCL on GPUs, gloo on CPUs). A plain `python` launch gets a
+    process group of one too, built in-process without a rendezvous, so FSDP2, DCP and collectives
+    run the same code path. Multi-node safe: the GPU is picked by LOCAL_RANK."""
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -31,11 +32,12 @@ def init_distributed() -> World:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    if world_size > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            dist.init_process_group("nccl", device_id=device)
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if "WORLD_SIZE" in os.environ:
+            dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
         else:
-            dist.init_process_group("gloo")
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return World(rank, world_size, local_rank, device)
 
 

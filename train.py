@@ -215,15 +215,6 @@ def validate(cfg):
 # Process group, seeds, data
 
 
-def init_world():
-    world = init_distributed()
-    if not dist.is_initialized():
-        # Plain `python train.py`: FSDP2 and DCP want a process group; a world of one needs no rendezvous.
-        backend = "nccl" if world.device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    return world
-
-
 def seed_for(*keys):
     """A seed for the random stream named by integers (seed, stream, index): streams never collide."""
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0])
@@ -246,16 +237,17 @@ def sample_indices(seed, count, start, n):
     return indices
 
 
-def step_randomness(seed, step, diffusion, batch, shape):
-    """t, flips, diffusion noise and posterior noise for the whole GLOBAL batch of `step`, drawn in a
-    fixed order from a generator seeded by (seed, step): every rank slices out its own rows, so a row's
-    randomness does not depend on the world size."""
+def step_randomness(seed, step, diffusion, batch, shape, label_dropout):
+    """t, flips, diffusion noise, posterior noise and the label-dropout mask for the whole GLOBAL batch
+    of `step`, drawn in a fixed order from a generator seeded by (seed, step): every rank slices out its
+    own rows, so a row's randomness does not depend on the world size."""
     g = torch.Generator().manual_seed(seed_for(seed, STEP_STREAM, step))
     t = diffusion.sample_timesteps(batch, generator=g)
     flips = torch.rand(batch, generator=g) < 0.5
     noise = torch.randn(batch, *shape, generator=g)
     posterior_noise = torch.randn(batch, *shape, generator=g)   # latent stores draw x0 from N(mean, std²)
-    return t, flips, noise, posterior_noise
+    drop_label = torch.rand(batch, generator=g) < label_dropout
+    return t, flips, noise, posterior_noise, drop_label
 
 
 def load_x0(store, indices, flips, posterior_noise):
@@ -286,7 +278,10 @@ def build_models(cfg, margs, device):
     """The FSDP2-sharded model and its EMA twin. Same seed on every rank, so every rank starts from
     the same weights before sharding."""
     torch.manual_seed(cfg["run"]["seed"])
-    model = ALL_MODELS[margs["name"]](**{k: v for k, v in margs.items() if k != "name"}).to(device)
+    # Label dropout is drawn here from the step's generator (step_randomness), not by the model from
+    # its rank's RNG, so that it does not depend on the world size: the model's own dropout is off.
+    kwargs = {k: v for k, v in margs.items() if k != "name"} | {"class_dropout_prob": 0.0}
+    model = ALL_MODELS[margs["name"]](**kwargs).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)   # before sharding: a sharded module cannot be deep-copied
     model.gradient_checkpointing = cfg["model"]["gradient_checkpointing"]
     if cfg["model"]["compile"]:
@@ -503,7 +498,7 @@ def main():
     run_dir = Path(cfg["run"]["results_dir"]) / run_name
     margs = model_args(cfg, store)
     check_resumable(run_dir, margs)
-    world = init_world()
+    world = init_distributed()
     if world.device.type == "cuda":
         torch.set_float32_matmul_precision("high")   # TF32 for fp32 matmuls, as DiT trains
     t_cfg, seed = cfg["train"], cfg["run"]["seed"]
@@ -561,9 +556,11 @@ def main():
         # are contiguous sub-slices of those rows.
         rows = slice(world.rank * local_batch, (world.rank + 1) * local_batch)
         indices = sample_indices(seed, len(store), samples_seen, batch)[rows]
-        t, flips, noise, posterior_noise = (a[rows] for a in step_randomness(seed, step, diffusion, batch, shape))
+        t, flips, noise, posterior_noise, drop_label = (
+            a[rows] for a in step_randomness(seed, step, diffusion, batch, shape, cfg["model"]["class_dropout_prob"]))
         flips &= cfg["data"]["random_flip"]
         x0, y = load_x0(store, indices, flips, posterior_noise)
+        y = torch.where(drop_label, store.num_classes, y)   # the null label trains the unconditional model
         micro_batches = [tuple(a[i:i + micro].to(world.device, non_blocking=True) for a in (x0, y, t, noise))
                          for i in range(0, local_batch, micro)]
 

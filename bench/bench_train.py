@@ -26,6 +26,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train  # noqa: E402
 from diffusion import GaussianDiffusion  # noqa: E402
+from distributed import init_distributed  # noqa: E402
 from models import ALL_MODELS  # noqa: E402
 
 
@@ -131,7 +132,7 @@ def main():
     parser.add_argument("--matmul-size", type=int, default=None, help="side of the peak-rate matmul (default: 8192 GPU, 1024 CPU)")
     args = parser.parse_args()
 
-    world = train.init_world()
+    world = init_distributed()
     if world.device.type == "cuda":
         torch.set_float32_matmul_precision("high")   # as train.py
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
