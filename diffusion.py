@@ -4,7 +4,8 @@ loss weighting, the training loss (optionally with DiT's learned-σ VB term) and
 
 Notation (REFERENCE.md §1): ᾱ_t = alphas_cumprod[t], α_t = sqrt(ᾱ_t), σ_t = sqrt(1 − ᾱ_t),
 x_t = α_t·x0 + σ_t·ε, SNR(t) = ᾱ_t / (1 − ᾱ_t), v = α_t·ε − σ_t·x0.
-All tables are float64 on the CPU; coefficients are gathered per sample and cast to the data dtype.
+All tables are float64 on the CPU (copied once to each device that uses them); coefficients are gathered
+per sample and cast to the data dtype.
 """
 import math
 
@@ -120,12 +121,6 @@ def randn_like_batch(shape, generator=None, device="cpu", dtype=torch.float32):
     return torch.randn(shape, generator=generator, device=device, dtype=dtype)
 
 
-def _gather(table, t, like):
-    """table[t] (float64 CPU) → [B, 1, ..., 1] in like's dtype and device, broadcastable over like."""
-    values = table.to(t.device)[t].to(like.dtype)
-    return values.reshape(-1, *([1] * (like.dim() - 1)))
-
-
 def _mean_flat(x):
     """Mean over every dimension but the batch: [B, ...] → [B]."""
     return x.flatten(1).mean(1)
@@ -197,6 +192,25 @@ class GaussianDiffusion:
             torch.cat([self.posterior_variance[1:2], self.posterior_variance[1:]]))
         # Computed once here (CPU, float64) so training only gathers; raises early on an infinite weight.
         self.loss_weights = loss_weight(self.snr, weighting, target, gamma)
+        self._device_tables = {}  # (id of a table above, device) -> its copy there; see _gather
+
+    def _gather(self, table, t, like):
+        """table[t] → [B, 1, ..., 1] in like's dtype and device, broadcastable over like.
+
+        `table` is one of the float64 CPU tables set in __init__ (never reassigned, so its id is a stable
+        key). It is copied to t's device once and kept: a copy per call would be a blocking host-to-device
+        transfer, i.e. a GPU stream synchronisation, several times in every training and sampler step.
+        """
+        key = (id(table), t.device)
+        if key not in self._device_tables:
+            self._device_tables[key] = table.to(t.device)
+        values = self._device_tables[key][t].to(like.dtype)
+        return values.reshape(-1, *([1] * (like.dim() - 1)))
+
+    def _alpha_sigma(self, t, like):
+        """(α_t, σ_t), gathered as in _gather."""
+        return (self._gather(self.sqrt_alphas_cumprod, t, like),
+                self._gather(self.sqrt_one_minus_alphas_cumprod, t, like))
 
     # -- forward process and conversions --------------------------------------------------------
 
@@ -206,7 +220,8 @@ class GaussianDiffusion:
 
     def q_sample(self, x0, t, noise):
         """x_t = α_t·x0 + σ_t·ε."""
-        return _gather(self.sqrt_alphas_cumprod, t, x0) * x0 + _gather(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+        a, s = self._alpha_sigma(t, x0)
+        return a * x0 + s * noise
 
     def target_of(self, x0, t, noise):
         """What the network is trained to output for (x0, t, ε)."""
@@ -214,7 +229,8 @@ class GaussianDiffusion:
             return noise
         if self.target == "x0":
             return x0
-        return _gather(self.sqrt_alphas_cumprod, t, x0) * noise - _gather(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0
+        a, s = self._alpha_sigma(t, x0)
+        return a * noise - s * x0
 
     def to_x0_eps(self, pred, x_t, t, target=None):
         """(x0, ε) implied by a prediction of `target` (default: this model's target) at x_t.
@@ -222,8 +238,7 @@ class GaussianDiffusion:
         The one place where predictions are converted; every loss and sampler goes through it.
         """
         target = target or self.target
-        a = _gather(self.sqrt_alphas_cumprod, t, x_t)
-        s = _gather(self.sqrt_one_minus_alphas_cumprod, t, x_t)
+        a, s = self._alpha_sigma(t, x_t)
         if target == "eps":
             return (x_t - s * pred) / a, pred
         if target == "x0":
@@ -252,7 +267,7 @@ class GaussianDiffusion:
         pred, var_interp = self._split(model_output.float())
         x0, noise = x0.float(), noise.float()
         mse = _mean_flat((self.target_of(x0, t, noise) - pred) ** 2)
-        weighted = _gather(self.loss_weights, t, mse) * mse
+        weighted = self._gather(self.loss_weights, t, mse) * mse
         terms = {"loss": weighted.mean(), "mse": mse.detach(), "weighted": weighted.detach()}
         if self.learn_sigma:
             x_t = self.q_sample(x0, t, noise)
@@ -273,11 +288,11 @@ class GaussianDiffusion:
         t > 0, the discretized-Gaussian decoder NLL at t = 0; × T/1000 (iDDPM's rescaling of the
         hybrid loss, a factor 1 for DiT's T = 1000)."""
         x0_hat, _ = self.to_x0_eps(pred, x_t, t)
-        coef_x0, coef_xt = _gather(self.posterior_coef_x0, t, x_t), _gather(self.posterior_coef_xt, t, x_t)
+        coef_x0, coef_xt = self._gather(self.posterior_coef_x0, t, x_t), self._gather(self.posterior_coef_xt, t, x_t)
         true_mean = coef_x0 * x0 + coef_xt * x_t
-        true_log_var = _gather(self.posterior_log_variance_clipped, t, x_t)
+        true_log_var = self._gather(self.posterior_log_variance_clipped, t, x_t)
         model_mean = coef_x0 * x0_hat + coef_xt * x_t
-        model_log_var = self._p_log_variance(var_interp, torch.log(_gather(self.betas, t, x_t)), true_log_var)
+        model_log_var = self._p_log_variance(var_interp, torch.log(self._gather(self.betas, t, x_t)), true_log_var)
         kl = _mean_flat(_normal_kl(true_mean, true_log_var, model_mean, model_log_var)) / math.log(2.0)
         nll = -_mean_flat(_discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_log_var)) / math.log(2.0)
         return torch.where(t == 0, nll, kl) * (self.num_timesteps / 1000.0)
