@@ -293,17 +293,17 @@ class DiT(Denoiser):
 DIT_SIZES = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6), "Ti": (6, 256, 4)}
 
 
-def _dit_config(depth, hidden_size, num_heads, patch_size):
+def _config(cls, depth, hidden_size, num_heads, patch_size):
+    """A constructor for one named size: build(**kwargs) -> cls(..., **kwargs), like DiT's DiT_XL_2()."""
     def build(**kwargs):
-        return DiT(depth=depth, hidden_size=hidden_size, num_heads=num_heads, patch_size=patch_size, **kwargs)
+        return cls(depth=depth, hidden_size=hidden_size, num_heads=num_heads, patch_size=patch_size, **kwargs)
     return build
 
 
 DiT_models = {
-    f"DiT-{size}/{p}": _dit_config(*DIT_SIZES[size], p)
+    f"DiT-{size}/{p}": _config(DiT, *DIT_SIZES[size], p)
     for size in ("XL", "L", "B", "S", "Ti") for p in (2, 4, 8)
 }
-
 
 
 #################################################################################
@@ -413,14 +413,8 @@ def vit_state_dict_from_official(official, max_timesteps=1000):
 VIT_SIZES = {"XL": (28, 1152, 16), "L": (21, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6), "Ti": (6, 256, 4)}
 
 
-def _vit_config(depth, hidden_size, num_heads, patch_size):
-    def build(**kwargs):
-        return ViT(depth=depth, hidden_size=hidden_size, num_heads=num_heads, patch_size=patch_size, **kwargs)
-    return build
-
-
 ViT_models = {
-    f"ViT-{size}/{p}": _vit_config(*VIT_SIZES[size], p)
+    f"ViT-{size}/{p}": _config(ViT, *VIT_SIZES[size], p)
     for size in ("XL", "L", "B", "S", "Ti") for p in (2, 4)
 }
 
