@@ -17,13 +17,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from diffusion import GaussianDiffusion  # noqa: E402
+from bench_extract import SD_VAE_CONFIG  # noqa: E402
 from models import ALL_MODELS  # noqa: E402
-from sample import decode, denoise  # noqa: E402
-
-# stabilityai/sd-vae-ft-ema's architecture (its config.json), built here with random weights.
-SD_VAE = {"block_out_channels": (128, 256, 512, 512), "layers_per_block": 2, "latent_channels": 4,
-          "down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4,
-          "sample_size": 256}
+from sample import DIT_SCALE_FACTOR, decode, denoise  # noqa: E402
 
 
 def model_calls(diffusion, args, steps):
@@ -83,9 +79,9 @@ def main(args):
         from diffusers.models import AutoencoderKL
 
         with device:
-            vae = AutoencoderKL(**SD_VAE).eval()
-        decode(x, vae, 0.18215)  # warm-up
-        _, seconds = timed(lambda: decode(x, vae, 0.18215), device)
+            vae = AutoencoderKL(**SD_VAE_CONFIG).eval()
+        decode(x, vae, DIT_SCALE_FACTOR)  # warm-up
+        _, seconds = timed(lambda: decode(x, vae, DIT_SCALE_FACTOR), device)
         decode_s = seconds / args.batch_size
         total_s += decode_s
         print(f"VAE decode (SD-VAE architecture, fp32): {1 / decode_s:.2f} images/s")
