@@ -439,7 +439,7 @@ def load_vae(name, device):
 @torch.inference_mode()
 def encode(vae, images, flip, device):
     """uint8 [b, S, S, 3] -> posterior mean and std, float32 [b, C, h, w] (or [b, 2, C, h, w] with flip)."""
-    x = uint8_to_model(torch.from_numpy(images)).to(device)
+    x = uint8_to_model(torch.from_numpy(images).to(device))  # copy uint8 (4x fewer bytes), convert there
     if flip:
         x = torch.cat([x, x.flip(3)])  # one batch of 2b: originals then their mirror images
     posterior = vae.encode(x).latent_dist
