@@ -1,0 +1,525 @@
+"""The reproduction study: does Min-SNR-γ make diffusion training converge faster? (Hang et al., ICCV 2023)
+
+Trains the same small class-conditional DiT on CIFAR-10 32×32 pixels under several loss weightings, with
+identical seeds, data order, noise and compute (train.py draws all of them from run.seed alone), samples
+every run at regular checkpoints with one fixed sampler and the same sample seeds (common random numbers),
+computes FID-N against CIFAR-10 train-set statistics, and writes a table, a plot and the paper's headline
+figure: how many steps Min-SNR-5 needs to reach the baseline's final FID (a speed-up factor), per seed.
+It only calls the repository's own CLIs (extract_latents.py, train.py, sample.py, evaluate.py).
+
+    python experiments/study.py                      # the CPU study: ~2.5 h on 2 cores, resumable
+    python experiments/study.py --report-only        # table + plot from whatever has finished
+    python experiments/study.py --scale gpu          # the real-scale version (one GPU node)
+    python experiments/study.py --scale toy          # a 5-minute end-to-end check of the pipeline
+
+Re-running the same command skips what is done: trainings resume (train.py), sample batches resume
+(sample.py), and an evaluation is skipped when its JSON (<out>/evals/<run>/step-XXXXXXX.json) exists.
+So the study can run in parts (Ctrl-C, or `timeout 3600 python experiments/study.py`, then again).
+
+Runs (all: cosine schedule, T = 1000, no learned σ, same model/optimizer/batch/steps/seeds):
+  ε-prediction   snr (= plain ε-MSE, the usual baseline), const (= x0-MSE), max_snr γ=1 (truncated SNR),
+                 min_snr γ=5, soft_min_snr γ=5
+  x0-prediction  const (= plain x0-MSE, the baseline) vs min_snr γ=5
+  v-prediction   max_snr γ=1 vs min_snr γ=5. Plain v-MSE is w_x0 = SNR+1 (‖v−v̂‖² = (SNR+1)‖x0−x̂0‖²),
+                 which train.py's weightings (all defined in x0-space, REFERENCE.md §1) cannot express;
+                 max_snr γ=1 on v, w_v = max(SNR,1)/(SNR+1) ∈ [½, 1], is the nearest one (Salimans & Ho's
+                 truncated SNR, their stand-in for SNR+1). `const` on v would be w_v = 1/(SNR+1): not a
+                 plain v-loss at all.
+The weights are the paper's: w_x0 = 1, SNR, max(SNR,γ), min(SNR,γ), 1/(1/SNR+1/γ) (diffusion.loss_weight).
+
+Evaluation: DDIM, η = 0, clip x0 to [-1,1], guidance off (cfg 1.0): one deterministic sampler for every
+run, and no guidance scale to tune per strategy, so the FIDs compare the weightings and nothing else.
+Sample i always starts from the same noise with label i % 10 (sample.py), so every checkpoint of every
+run is judged on the same noise: FID differences are far less noisy than FID-N itself. FID-N is biased
+upwards at small N (REFERENCE.md §3): compare within this study only, never with published FID-50K.
+Reference: the first `ref_per_class` images of each class of the CIFAR-10 train split (class-balanced;
+the store is class-ordered so `--limit` would not be), statistics computed once with evaluate.py
+--save-stats.
+
+Headline (the paper's way): F = the baseline's FID at its final step S; s = the first step at which
+Min-SNR's FID curve reaches F, linearly interpolated between evaluated checkpoints; speed-up = S / s.
+If Min-SNR is already below F at its first checkpoint, the factor is a lower bound (≥ S / first step);
+if it never reaches F, the factor is below 1 and computed the other way round: (steps the baseline needs
+to reach Min-SNR's final FID) / S. Reported per seed (same seed = same data and noise in both runs),
+then mean and min–max over seeds.
+
+CPU budget (`--scale cpu`, 2 cores, measured on this machine with other jobs running, torch 2.14 CPU,
+single-threaded processes; CPU-seconds):
+  train   DiT-Ti/4 (7.4 M params, 64 tokens), batch 32:  0.029 s/image  → 0.93 s/step
+  sample  DDIM, batch 125:                               0.0094 s/image/step → 0.19 s/image at 20 steps
+  FID     TF Inception, 299 px:                          0.18 s/image (≈ 5.5 img/s per core)
+  each CLI start (torch import, model build):            ≈ 8 s
+Two 1-thread processes side by side beat one 2-thread process: 1 thread took 0.029 CPU-s/image/step,
+2 threads 0.062 (measured, training, same batch); so --jobs 2 --threads 1.
+  11 runs (ε snr & min_snr × seeds 0,1; the 7 other runs × seed 0)
+  training   11 × (1000 steps × 0.93 s + 30 s)                    = 10 560 CPU-s
+  evaluation 11 × 5 points × (250 × 0.19 + 250 × 0.18 + 2 × 8 s)   =  6 000 CPU-s
+  reference  5000 images × 0.18 s                                  =    900 CPU-s
+  total 17 460 CPU-s / 2 cores ≈ 8 700 s ≈ 2 h 25 min (+ ≈ 20 % margin within 3 h).
+A model this small trained for 32 000 images (0.64 epochs) makes blurry blobs with FID-250 in the
+100s: the study measures early convergence speed, which is what the paper's claim is about, not quality.
+"""
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BASE_CONFIG = ROOT / "experiments" / "configs" / "study.yaml"
+
+# name: (target, weighting, gamma, label). Gamma None = the weighting has none (passed as 5, unused).
+RUNS = {
+    "eps-snr":          ("eps", "snr", None, "ε · SNR (plain ε-MSE, baseline)"),
+    "eps-const":        ("eps", "const", None, "ε · const (x0-MSE)"),
+    "eps-max_snr1":     ("eps", "max_snr", 1.0, "ε · Max-SNR-1 (truncated SNR)"),
+    "eps-min_snr5":     ("eps", "min_snr", 5.0, "ε · Min-SNR-5"),
+    "eps-soft_min_snr5": ("eps", "soft_min_snr", 5.0, "ε · Soft-Min-SNR-5"),
+    "x0-const":         ("x0", "const", None, "x0 · const (plain x0-MSE, baseline)"),
+    "x0-min_snr5":      ("x0", "min_snr", 5.0, "x0 · Min-SNR-5"),
+    "v-max_snr1":       ("v", "max_snr", 1.0, "v · Max-SNR-1 (≈ plain v-MSE, baseline)"),
+    "v-min_snr5":       ("v", "min_snr", 5.0, "v · Min-SNR-5"),
+}
+BASELINE = {"eps": "eps-snr", "x0": "x0-const", "v": "v-max_snr1"}
+HEADLINE = ("eps-snr", "eps-min_snr5")
+PAIRS = [("eps-snr", "eps-min_snr5"), ("x0-const", "x0-min_snr5"), ("v-max_snr1", "v-min_snr5")]
+
+SCALES = {
+    # 2 CPU cores, 3 hours: see the module docstring for the arithmetic.
+    "cpu": dict(model="DiT-Ti/4", steps=1000, batch=32, lr=1e-3, warmup=50, evals=5, num_samples=250,
+                sampler="ddim", sampler_steps=20, sample_batch=125, ref_per_class=500,
+                seeds=[0, 1], other_seeds=[0], runs=list(RUNS), jobs=2, threads=1, nproc=1, device="cpu",
+                precision="fp32"),
+    # One GPU node (e.g. 1-8 GPUs; --set nproc=8). FID-10K every 5k steps against 50k train images.
+    "gpu": dict(model="DiT-S/2", steps=40000, batch=128, lr=2e-4, warmup=1000, evals=8, num_samples=10000,
+                sampler="ddim", sampler_steps=50, sample_batch=500, ref_per_class=5000,
+                seeds=[0, 1, 2], other_seeds=[0, 1], runs=list(RUNS), jobs=1, threads=0, nproc=1,
+                device="cuda", precision="bf16"),
+    # Pipeline check: minutes on a CPU, numbers meaningless.
+    "toy": dict(model="DiT-Ti/4", steps=40, batch=16, lr=1e-3, warmup=5, evals=2, num_samples=50,
+                sampler="ddim", sampler_steps=5, sample_batch=50, ref_per_class=20,
+                seeds=[0, 1], other_seeds=[0], runs=["eps-snr", "eps-min_snr5"], jobs=2, threads=1, nproc=1,
+                device="cpu", precision="fp32"),
+}
+# Settings that change results: a results folder made with other values is refused (use another --out).
+RESULT_KEYS = ("model", "steps", "batch", "lr", "warmup", "evals", "num_samples", "sampler", "sampler_steps",
+               "ref_per_class", "precision")
+SAMPLE_SEED = 0
+
+
+def log(msg):
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Speed-up: the paper's headline figure from FID curves [(step, fid), ...]
+
+def steps_to_reach(curve, target):
+    """First point where the piecewise-linear curve (sorted by step) reaches FID <= target.
+    Returns (step, kind): kind "interp" (linearly interpolated between two evaluated checkpoints, or exactly
+    at one), "first" (already <= target at the first checkpoint: the true step is at most curve[0][0]),
+    or (None, "never")."""
+    if curve[0][1] <= target:
+        return curve[0][0], "first"
+    for (s0, f0), (s1, f1) in zip(curve, curve[1:]):
+        if f1 <= target:
+            return s0 + (s1 - s0) * (f0 - target) / (f0 - f1), "interp"
+    return None, "never"
+
+
+def speedup(base, method):
+    """The paper's convergence speed-up of `method` over `base` (FID curves of the same steps).
+    Returns dict(factor, bound, steps): bound is "=" (interpolated), ">=" (method reached the baseline's final
+    FID already at its first checkpoint) or "<=" (the baseline reached the method's final FID at its first
+    checkpoint). A factor < 1 means the method is slower: it never reached the baseline's final FID, and
+    factor = (steps the baseline needs to reach the method's final FID) / final step."""
+    final_step, base_final = base[-1]
+    s, kind = steps_to_reach(method, base_final)
+    if kind == "interp":
+        return {"factor": final_step / s, "bound": "=", "steps": s}
+    if kind == "first":
+        return {"factor": final_step / s, "bound": ">=", "steps": s}
+    s, kind = steps_to_reach(base, method[-1][1])
+    return {"factor": s / final_step, "bound": "<=" if kind == "first" else "=", "steps": None}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Running the CLIs
+
+class Study:
+    def __init__(self, args, cfg):
+        self.args, self.cfg = args, cfg
+        self.out = Path(args.out).resolve()
+        self.data = (ROOT / args.data).resolve() if not os.path.isabs(args.data) else Path(args.data)
+        self.ref_store = self.out / "ref" / f"cifar10-train-{cfg['ref_per_class']}pc"
+        self.ref_stats = self.out / "ref" / f"cifar10-train-{cfg['ref_per_class']}pc-stats.npz"
+        self.ref_ready = threading.Event()
+        self.lock = threading.Lock()
+        self.failures = []
+        self.eval_steps = [round(cfg["steps"] * (i + 1) / cfg["evals"]) for i in range(cfg["evals"])]
+
+    # -- helpers
+    def env(self):
+        env = dict(os.environ)
+        if self.cfg["threads"]:
+            for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+                env[k] = str(self.cfg["threads"])
+        return env
+
+    def launcher(self, script):
+        if self.cfg["nproc"] > 1:
+            return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    f"--nproc-per-node={self.cfg['nproc']}", str(ROOT / script)]
+        return [sys.executable, str(ROOT / script)]
+
+    def call(self, name, cmd):
+        """Run one CLI, its output to <out>/logs/<name>.log. True on success."""
+        logfile = self.out / "logs" / f"{name}.log"
+        logfile.parent.mkdir(parents=True, exist_ok=True)
+        t0 = time.time()
+        with open(logfile, "a") as f:
+            f.write(f"\n$ {' '.join(map(str, cmd))}\n")
+            f.flush()
+            rc = subprocess.call([str(c) for c in cmd], cwd=ROOT, env=self.env(), stdout=f, stderr=subprocess.STDOUT)
+        dt = time.time() - t0
+        if rc != 0:
+            tail = logfile.read_text().splitlines()[-5:]
+            with self.lock:
+                self.failures.append(name)
+            log(f"FAILED {name} (exit {rc}, {dt:.0f} s); {logfile}:\n    " + "\n    ".join(tail))
+            return False
+        log(f"done {name} ({dt:.0f} s)")
+        return True
+
+    def run_names(self):
+        names = []
+        for seed in sorted(set(self.cfg["seeds"]) | set(self.cfg["other_seeds"])):
+            for run in self.cfg["runs"]:   # headline pair first within each seed
+                seeds = self.cfg["seeds"] if run in HEADLINE else self.cfg["other_seeds"]
+                if seed in seeds:
+                    names.append((run, seed))
+        names.sort(key=lambda rs: (rs[0] not in HEADLINE, rs[1], self.cfg["runs"].index(rs[0])))
+        return names
+
+    def run_dir(self, run, seed):
+        return self.out / "runs" / f"{run}-s{seed}"
+
+    def export(self, run, seed, step):
+        return self.run_dir(run, seed) / "checkpoints" / f"step-{step:07d}.pt"
+
+    def eval_json(self, run, seed, step):
+        return self.out / "evals" / f"{run}-s{seed}" / f"step-{step:07d}.json"
+
+    # -- tasks
+    def prepare_data(self):
+        if not (self.data / "manifest.json").exists():
+            log(f"extracting the CIFAR-10 train split to {self.data}")
+            ok = self.call("extract-train", [sys.executable, ROOT / "extract_latents.py", "--data", self.args.archive,
+                                             "--split", "train", "--image-size", "32", "--vae", "none", "--out", self.data])
+            if not ok:
+                sys.exit("study.py: error: could not extract the training data")
+
+    def reference(self):
+        try:
+            if self.ref_stats.exists():
+                return
+            if not (self.ref_store / "manifest.json").exists():
+                if not self.call("extract-ref", [sys.executable, ROOT / "extract_latents.py", "--data", self.args.archive,
+                                                 "--split", "train", "--image-size", "32", "--vae", "none",
+                                                 "--limit-per-class", self.cfg["ref_per_class"], "--out", self.ref_store]):
+                    return
+            self.call("ref-stats", [sys.executable, ROOT / "evaluate.py", self.ref_store, "--save-stats", self.ref_stats,
+                                    "--device", self.cfg["device"], "--out", self.ref_stats.with_suffix(".json")])
+        finally:
+            self.ref_ready.set()
+
+    def train(self, run, seed):
+        """Returns True when the final export exists."""
+        final = self.export(run, seed, self.cfg["steps"])
+        if final.exists():
+            return True
+        c = self.cfg
+        target, weighting, gamma, _ = RUNS[run]
+        every = max(1, c["steps"] // c["evals"])
+        sets = {"run.results_dir": self.out / "runs", "run.name": f"{run}-s{seed}", "run.seed": seed,
+                "data.path": self.data, "model.name": c["model"], "diffusion.target": target,
+                "diffusion.weighting": weighting, "diffusion.gamma": gamma or 5.0, "train.steps": c["steps"],
+                "train.global_batch_size": c["batch"], "train.precision": c["precision"], "optim.lr": c["lr"],
+                "optim.warmup_steps": c["warmup"], "checkpoint.every": every, "checkpoint.export_every": every,
+                "train.log_every": max(1, min(50, every // 4))}
+        cmd = self.launcher("train.py") + ["--config", BASE_CONFIG]
+        for k, v in sets.items():
+            cmd += ["--set", f"{k}={v}"]
+        return self.call(f"train-{run}-s{seed}", cmd) and final.exists()
+
+    def evaluate(self, run, seed, step):
+        out_json = self.eval_json(run, seed, step)
+        if out_json.exists():
+            return
+        c = self.cfg
+        npz = self.out / "samples" / f"{run}-s{seed}" / f"step-{step:07d}.npz"
+        npz.parent.mkdir(parents=True, exist_ok=True)
+        if not npz.exists():
+            cmd = self.launcher("sample.py") + [
+                "--ckpt", self.export(run, seed, step), "--sampler", c["sampler"], "--steps", c["sampler_steps"],
+                "--eta", "0", "--cfg-scale", "1.0", "--clip-denoised", "--seed", SAMPLE_SEED,
+                "--num-samples", c["num_samples"], "--batch-size", c["sample_batch"], "--out", npz]
+            if c["device"] == "cuda":
+                cmd += ["--precision", "tf32"]
+            if not self.call(f"sample-{run}-s{seed}-{step}", cmd):
+                return
+        self.ref_ready.wait()
+        if not self.ref_stats.exists():
+            return
+        out_json.parent.mkdir(parents=True, exist_ok=True)
+        if self.call(f"fid-{run}-s{seed}-{step}", [sys.executable, ROOT / "evaluate.py", npz, "--ref", self.ref_stats,
+                                                   "--no-pr", "--device", c["device"], "--out", out_json]):
+            ckpt = self.export(run, seed, step)
+            if step != c["steps"] and not self.args.keep_exports and ckpt.exists():
+                ckpt.unlink()   # intermediate exports are only needed for their evaluation
+
+    # -- scheduling: a pool of `jobs` workers; evaluations of a finished training go before new trainings
+    def run_all(self):
+        self.prepare_data()
+        pending = [("ref",)] + [("train", r, s) for r, s in self.run_names()]
+        cv = threading.Condition()
+        active = [0]
+
+        def worker():
+            while True:
+                with cv:
+                    while not pending and active[0] > 0:
+                        cv.wait()
+                    if not pending:
+                        cv.notify_all()
+                        return
+                    task = pending.pop(0)
+                    active[0] += 1
+                try:
+                    if task[0] == "ref":
+                        self.reference()
+                    elif task[0] == "train":
+                        if self.train(task[1], task[2]):
+                            evals = [("eval", task[1], task[2], s) for s in self.eval_steps]
+                            with cv:
+                                pending[:0] = evals
+                    else:
+                        self.evaluate(*task[1:])
+                except Exception as e:  # keep the other tasks going
+                    log(f"FAILED {task}: {e!r}")
+                    self.failures.append(str(task))
+                finally:
+                    with cv:
+                        active[0] -= 1
+                        cv.notify_all()
+
+        threads = [threading.Thread(target=worker) for _ in range(self.cfg["jobs"])]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Report: study.json, table.md, fid_vs_steps.png
+
+def collect(study):
+    curves = {}   # run -> seed -> [(step, fid)]
+    for run, seed in study.run_names():
+        pts = []
+        for step in study.eval_steps:
+            p = study.eval_json(run, seed, step)
+            if p.exists():
+                pts.append((step, json.loads(p.read_text())["metrics"]["FID"]))
+        if pts:
+            curves.setdefault(run, {})[seed] = pts
+    return curves
+
+
+def complete(curve, steps):
+    return [s for s, _ in curve] == steps
+
+
+def pair_speedups(curves, base, method, steps):
+    out = {}
+    for seed in sorted(set(curves.get(base, {})) & set(curves.get(method, {}))):
+        b, m = curves[base][seed], curves[method][seed]
+        if complete(b, steps) and complete(m, steps):
+            out[seed] = speedup(b, m)
+    return out
+
+
+def fmt_speedups(per_seed):
+    if not per_seed:
+        return "n/a", None
+    f = [v["factor"] for v in per_seed.values()]
+    bounds = {v["bound"] for v in per_seed.values()}
+    sign = {"=": "", ">=": "≥", "<=": "≤"}
+    mark = "" if bounds == {"="} else " (≥/≤: bounds, reached at/before the first checkpoint)"
+    seeds = ", ".join(f"s{s}: {sign[v['bound']]}{v['factor']:.2f}×" for s, v in per_seed.items())
+    if len(f) > 1:
+        text = f"{sum(f) / len(f):.2f}× (min {min(f):.2f}, max {max(f):.2f}; {seeds}){mark}"
+    else:
+        text = f"{f[0]:.2f}× ({seeds}; one seed){mark}"
+    return text, sum(f) / len(f)
+
+
+def report(study):
+    c, steps = study.cfg, study.eval_steps
+    curves = collect(study)
+    rows, summary = [], {"settings": {k: c[k] for k in RESULT_KEYS}, "eval_steps": steps, "runs": {}, "speedups": {}}
+    summary["settings"].update(n_ref=10 * c["ref_per_class"], sample_seed=SAMPLE_SEED, cfg_scale=1.0, eta=0.0,
+                               schedule="cosine", reference=str(study.ref_stats))
+    header = ["run", "target", "w_x0", "seeds"] + [f"FID @ {s}" for s in steps] + ["speed-up vs its baseline"]
+    for run in c["runs"]:
+        if run not in curves:
+            continue
+        target, weighting, gamma, label = RUNS[run]
+        per_seed = curves[run]
+        summary["runs"][run] = {"label": label, "target": target, "weighting": weighting, "gamma": gamma,
+                                "fid": {str(s): v for s, v in per_seed.items()}}
+        cells = []
+        for step in steps:
+            vals = [dict(v).get(step) for v in per_seed.values()]
+            vals = [x for x in vals if x is not None]
+            if not vals:
+                cells.append("")
+            elif len(vals) == 1:
+                cells.append(f"{vals[0]:.1f}")
+            else:
+                cells.append(f"{sum(vals) / len(vals):.1f} [{min(vals):.1f}–{max(vals):.1f}]")
+        base = BASELINE[target]
+        if run == base:
+            sp = "baseline"
+        else:
+            per = pair_speedups(curves, base, run, steps)
+            summary["speedups"][f"{run} vs {base}"] = {str(s): v for s, v in per.items()}
+            sp = fmt_speedups(per)[0]
+        w = {"const": "1", "snr": "SNR", "max_snr": "max(SNR, {g})", "min_snr": "min(SNR, {g})",
+             "soft_min_snr": "1/(1/SNR + 1/{g})"}[weighting].format(g=f"{gamma:g}" if gamma else "")
+        rows.append([label, target, w, ",".join(map(str, per_seed))] + cells + [sp])
+
+    head_per = pair_speedups(curves, *HEADLINE, steps)
+    head_text, head_mean = fmt_speedups(head_per)
+    summary["headline"] = {"per_seed": {str(s): v for s, v in head_per.items()}, "mean": head_mean}
+    n_ref = 10 * c["ref_per_class"]
+    lines = [f"FID-{c['num_samples']} (vs {n_ref} CIFAR-10 train images, {c['ref_per_class']} per class) of "
+             f"{c['model']} trained {c['steps']} steps at batch {c['batch']} (lr {c['lr']:g}, cosine schedule, "
+             f"EMA weights), sampled with {c['sampler'].upper()}-{c['sampler_steps']} (η = 0, no guidance). "
+             f"Several seeds: mean [min–max].", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines += ["", f"**Headline** (ε-prediction, steps Min-SNR-5 needs to reach the SNR baseline's final FID, "
+                  f"interpolated between checkpoints): speed-up **{head_text}**"]
+    (study.out / "table.md").write_text("\n".join(lines) + "\n")
+    (study.out / "study.json").write_text(json.dumps(summary, indent=1))
+    plot(study, curves)
+    print("\n".join(lines))
+    log(f"wrote {study.out / 'table.md'}, {study.out / 'fid_vs_steps.png'}, {study.out / 'study.json'}")
+
+
+def plot(study, curves):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    panels = [("ε-prediction: weightings", [r for r in curves if RUNS[r][0] == "eps"]),
+              ("x0- and v-prediction: Min-SNR-5 vs baseline", [r for r in curves if RUNS[r][0] != "eps"])]
+    panels = [p for p in panels if p[1]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.6), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (title, runs) in zip(axes[0], panels):
+        for i, run in enumerate(runs):
+            steps = sorted({s for curve in curves[run].values() for s, _ in curve})
+            by_step = [[dict(curve)[s] for curve in curves[run].values() if s in dict(curve)] for s in steps]
+            mean = [sum(v) / len(v) for v in by_step]
+            target = RUNS[run][0]   # x0/v panel: one colour per target, dashed = its baseline
+            color = colors[i % len(colors)] if target == "eps" else colors[{"x0": 0, "v": 3}[target]]
+            style = "--" if run in BASELINE.values() else "-"
+            n = len(curves[run])
+            ax.plot(steps, mean, style, marker="o", ms=4, color=color,
+                    label=f"{RUNS[run][3]} ({n} seed{'s' if n > 1 else ''})")
+            if n > 1:
+                ax.fill_between(steps, [min(v) for v in by_step], [max(v) for v in by_step], color=color, alpha=0.2)
+        ax.set_title(title)
+        ax.set_xlabel("training steps")
+        ax.set_ylabel(f"FID-{study.cfg['num_samples']}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    c = study.cfg
+    fig.suptitle(f"CIFAR-10 32×32, {c['model']}, batch {c['batch']}, {c['sampler'].upper()}-{c['sampler_steps']}, "
+                 f"cfg 1.0; line = seed mean, band = min–max", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(study.out / "fid_vs_steps.png", dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------
+
+def parse_value(text):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Scales: " + "; ".join(f"{k}: {v['model']}, {v['steps']} steps × batch "
+                                                              f"{v['batch']}, FID-{v['num_samples']}" for k, v in SCALES.items()))
+    p.add_argument("--scale", choices=list(SCALES), default="cpu")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help='override a scale setting (JSON values), e.g. --set steps=2000 --set seeds=[0,1,2] '
+                        '--set runs=["eps-snr","eps-min_snr5"] --set nproc=8 --set jobs=1')
+    p.add_argument("--out", help="results folder (default results/study-<scale>)")
+    p.add_argument("--data", default="data/cifar10", help="CIFAR-10 train pixel store (made if missing)")
+    p.add_argument("--archive", default=str(ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"),
+                   help="CIFAR-10 archive (ImageNet folder layout) to make the stores from")
+    p.add_argument("--report-only", action="store_true", help="write table and plot from finished evaluations")
+    p.add_argument("--keep-exports", action="store_true", help="keep intermediate single-file exports")
+    args = p.parse_args(argv)
+
+    cfg = dict(SCALES[args.scale])
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if key not in cfg:
+            p.error(f"unknown setting {key!r}; known: {', '.join(cfg)}")
+        cfg[key] = parse_value(value)
+    unknown = [r for r in cfg["runs"] if r not in RUNS]
+    if unknown:
+        p.error(f"unknown runs {unknown}; known: {', '.join(RUNS)}")
+    if cfg["steps"] % cfg["evals"]:
+        p.error("steps must be a multiple of evals (evaluations every steps/evals steps)")
+    args.out = args.out or str(ROOT / "results" / f"study-{args.scale}")
+    study = Study(args, cfg)
+    study.out.mkdir(parents=True, exist_ok=True)
+
+    settings_file = study.out / "settings.json"
+    fixed = {k: cfg[k] for k in RESULT_KEYS}
+    if settings_file.exists():
+        before = json.loads(settings_file.read_text())
+        changed = {k: (before.get(k), v) for k, v in fixed.items() if before.get(k) != v}
+        if changed:
+            p.error(f"{study.out} holds results made with other settings {changed}; use another --out")
+    else:
+        settings_file.write_text(json.dumps(fixed, indent=1))
+
+    if not args.report_only:
+        log(f"study '{args.scale}' in {study.out}: {len(study.run_names())} runs × {cfg['evals']} evaluations, "
+            f"{cfg['jobs']} job(s) side by side")
+        t0 = time.time()
+        study.run_all()
+        log(f"finished in {(time.time() - t0) / 60:.1f} min")
+    report(study)
+    if study.failures:
+        sys.exit(f"study.py: {len(study.failures)} task(s) failed: {', '.join(study.failures)} (logs in {study.out / 'logs'}); "
+                 f"re-run the same command to retry them")
+
+
+if __name__ == "__main__":
+    main()
