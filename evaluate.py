@@ -25,6 +25,7 @@ import json
 import os
 import sys
 import zipfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -37,6 +38,7 @@ from torchvision.models.inception import BasicConv2d, InceptionB, InceptionD
 from tqdm import tqdm
 
 from distributed import atomic_write
+from store import open_store, sha256_file
 
 INCEPTION_SIZE = 299
 POOL_DIM = 2048                 # pool_3
@@ -232,9 +234,8 @@ class ImageSource:
         if not os.path.exists(path):
             raise EvalError(f"{path}: no such file or folder")
         if os.path.isdir(path) and os.path.exists(os.path.join(path, "manifest.json")):
-            import store  # only needed for pixel stores
             try:
-                self.store = store.open_store(path, mode="pixels")
+                self.store = open_store(path, mode="pixels")
             except ValueError as e:
                 raise EvalError(str(e).splitlines()[0]) from None
             self.kind, n = "store", len(self.store)
@@ -249,11 +250,16 @@ class ImageSource:
                     shape, dtype = self._read_npy_header(f)
             except zipfile.BadZipFile:
                 raise EvalError(f"{path}: not a valid .npz (zip) file") from None
+            except (zlib.error, OSError) as e:  # a corrupt deflate stream under the header
+                raise EvalError(f"{path}: arr_0 is damaged ({e})") from None
             _check_array_meta(path, shape, dtype)
             n = shape[0]
         elif path.endswith(".npy"):
             self.kind = "npy"
-            self.array = np.load(path, mmap_mode="r")
+            try:
+                self.array = np.load(path, mmap_mode="r")
+            except (OSError, ValueError) as e:
+                raise EvalError(f"{path}: not a valid .npy array ({e})") from None
             _check_array_meta(path, self.array.shape, self.array.dtype)
             n = len(self.array)
         else:
@@ -271,11 +277,14 @@ class ImageSource:
         return "arr_0.npy"
 
     def _read_npy_header(self, f):
-        version = np.lib.format.read_magic(f)
-        if version not in ((1, 0), (2, 0)):
-            raise EvalError(f"{self.path}: arr_0 uses .npy format {version}; save it with np.savez")
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = read_header(f)
+        try:
+            version = np.lib.format.read_magic(f)
+            if version not in ((1, 0), (2, 0)):
+                raise EvalError(f"{self.path}: arr_0 uses .npy format {version}; save it with np.savez")
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read_header(f)
+        except ValueError as e:  # read_magic / read_array_header on bytes that are not a .npy header
+            raise EvalError(f"{self.path}: arr_0 is not a valid .npy array ({e})") from None
         if fortran:
             raise EvalError(f"{self.path}: arr_0 is stored in Fortran order; save np.ascontiguousarray(images)")
         return shape, dtype
@@ -310,14 +319,21 @@ class ImageSource:
             for start in range(0, self.count, batch_size):
                 rows = min(batch_size, self.count - start)
                 data = bytearray(rows * row_bytes)  # writable, so torch.from_numpy can share it
-                if f.readinto(data) != len(data):
+                try:
+                    complete = f.readinto(data) == len(data)
+                except (zipfile.BadZipFile, zlib.error, OSError) as e:  # bad CRC, corrupt deflate stream
+                    raise EvalError(f"{self.path}: arr_0 is damaged ({e})") from None
+                if not complete:
                     raise EvalError(f"{self.path}: arr_0 is truncated")
                 yield _to_uint8(self.path, np.frombuffer(data, dtype).reshape(rows, *shape[1:]))
 
 
 def _load_image(path):
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except OSError as e:  # PIL's UnidentifiedImageError and truncated-file errors are OSErrors
+        raise EvalError(f"{path}: cannot read image ({e})") from None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -431,8 +447,16 @@ def open_reference(path, limit=None):
             for need in ("mu", "sigma") + (("sigma_s",) if "mu_s" in keys else ()) + (("mu_s",) if "sigma_s" in keys else ()):
                 if need not in keys:
                     raise EvalError(f"reference {path} lacks '{need}'; keys: {sorted(keys)}")
+            ref = {}
             with np.load(path) as f:
-                ref = {k: f[k] for k in ("mu", "sigma", "mu_s", "sigma_s", "features") if k in keys}
+                for k in ("mu", "sigma", "mu_s", "sigma_s", "features"):
+                    if k in keys:
+                        try:
+                            ref[k] = f[k]
+                        except (OSError, ValueError, zipfile.BadZipFile, zlib.error) as e:
+                            raise EvalError(f"reference {path}: cannot read '{k}' ({e})") from None
+                        if not isinstance(ref[k], np.ndarray):  # np.load hands back raw bytes for a non-.npy member
+                            raise EvalError(f"reference {path}: '{k}' is not a .npy array")
             if ref["mu"].shape != (POOL_DIM,) or ref["sigma"].shape != (POOL_DIM, POOL_DIM):
                 raise EvalError(f"reference {path}: mu {ref['mu'].shape} / sigma {ref['sigma'].shape} are not pool3 (2048) statistics")
             if "mu_s" in ref and ref["mu_s"].shape != (SPATIAL_DIM,):
@@ -445,14 +469,6 @@ def open_reference(path, limit=None):
             ref["count"] = len(ref["features"]) if "features" in ref else len(ref["images"]) if ref["images"] else None
             return ref
     return ImageSource(path, limit)
-
-
-def sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def count_label(n):

@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import tarfile
-import types
 
 import numpy as np
 import pytest
@@ -204,8 +203,7 @@ def test_npy_folder_and_store_sources(tmp_path, monkeypatch):
 
         def read(self, idx):
             return arr[idx], np.zeros(len(idx), np.int64)
-    fake = types.SimpleNamespace(open_store=lambda path, mode=None: FakeStore() if mode == "pixels" else None)
-    monkeypatch.setitem(sys.modules, "store", fake)
+    monkeypatch.setattr(E, "open_store", lambda path, mode=None: FakeStore() if mode == "pixels" else None)
     np.testing.assert_array_equal(np.concatenate(list(E.ImageSource(str(store_dir)).batches(2))), arr)
 
 
@@ -342,6 +340,30 @@ def test_bad_inputs_are_clear_errors(tmp_path):
         (lambda: E.open_reference(_write(tmp_path, "r4.npz", mu=np.zeros(64), sigma=np.eye(64))), "pool3"),
         (lambda: E.open_reference(_write(tmp_path, "r5.npz", mu=np.zeros(2048), sigma=np.eye(2048),
                                          features=np.zeros((5, 64), np.float32))), "pool3 features"),
+    ]
+    # Damaged files: each a one-line EvalError naming the file, not a numpy/PIL traceback.
+    (tmp_path / "bad.npy").write_bytes(b"garbage")
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "b.png").write_bytes(b"not a png")
+    np.save(tmp_path / "imgs" / "ignored.npy", u8)  # not an image extension: not read
+    from PIL import Image
+    Image.fromarray(u8[0]).save(tmp_path / "imgs" / "a.png")
+    import zipfile
+    with zipfile.ZipFile(tmp_path / "garbled.npz", "w") as z:
+        z.writestr("arr_0.npy", b"garbage")
+    with zipfile.ZipFile(tmp_path / "garbled_ref.npz", "w") as z:
+        z.writestr("mu.npy", b"garbage")
+        z.writestr("sigma.npy", b"garbage")
+    np.savez_compressed(tmp_path / "deflated.npz", arr_0=np.random.default_rng(0).integers(0, 256, (50, 16, 16, 3), np.uint8))
+    damaged = bytearray((tmp_path / "deflated.npz").read_bytes())
+    damaged[200:2000] = bytes(b ^ 0x55 for b in damaged[200:2000])
+    (tmp_path / "damaged.npz").write_bytes(bytes(damaged))
+    cases += [
+        (lambda: list(E.ImageSource(str(tmp_path / "damaged.npz")).batches(8)), "damaged.npz: arr_0 is damaged"),
+        (lambda: E.ImageSource(str(tmp_path / "bad.npy")), "bad.npy: not a valid .npy"),
+        (lambda: E.ImageSource(str(tmp_path / "garbled.npz")), "garbled.npz: arr_0 is not a valid .npy"),
+        (lambda: list(E.ImageSource(str(tmp_path / "imgs")).batches(4)), r"b\.png: cannot read image"),
+        (lambda: E.open_reference(str(tmp_path / "garbled_ref.npz")), "garbled_ref.npz: 'mu' is not a .npy array"),
     ]
     for make, message in cases:
         with pytest.raises(E.EvalError, match=message):
