@@ -158,6 +158,9 @@ def check_type(key, default, value):
 
 def apply_overrides(flat, overrides, source):
     for key, value in overrides.items():
+        if key not in flat and key in DEFAULTS:
+            raise ConfigError(f"config key '{key}' in {source} is a section: give it a mapping of "
+                              f"{', '.join(DEFAULTS[key])}")
         if key not in flat:
             close = difflib.get_close_matches(key, list(flat), n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
@@ -166,6 +169,16 @@ def apply_overrides(flat, overrides, source):
 
 
 DEFAULTS_FLAT = flatten(DEFAULTS)
+
+
+def parse_yaml(text, source):
+    """yaml.safe_load, with a syntax error turned into a one-line ConfigError naming `source`."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError(f"{source} is not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
 
 
 def load_config(argv):
@@ -179,7 +192,7 @@ def load_config(argv):
     if args.config:
         try:
             with open(args.config) as f:
-                tree = yaml.safe_load(f) or {}
+                tree = parse_yaml(f, args.config) or {}
         except OSError as e:
             raise ConfigError(f"cannot read config {args.config}: {e.strerror}")
         if not isinstance(tree, dict):
@@ -189,7 +202,7 @@ def load_config(argv):
         key, sep, text = item.partition("=")
         if not sep:
             raise ConfigError(f"--set expects KEY=VALUE, got '{item}'")
-        apply_overrides(flat, {key.strip(): yaml.safe_load(text)}, "--set")
+        apply_overrides(flat, {key.strip(): parse_yaml(text, f"--set {item!r}")}, "--set")
     cfg = unflatten(flat)
     name = cfg["run"]["name"] or (Path(args.config).stem if args.config else "default")
     validate(cfg)
@@ -252,16 +265,15 @@ def step_randomness(seed, step, diffusion, batch, shape, label_dropout):
 
 def load_x0(store, indices, flips, posterior_noise):
     """Model-space x0 [B,C,H,W] float32 and labels [B] for store rows `indices`."""
-    stored_flips = bool(store.manifest.get("flip"))
-    data, labels = store.read(indices, flips.numpy() if stored_flips else None)
-    if store.manifest["mode"] == "latents":
-        mean, std = (torch.from_numpy(np.asarray(a, dtype=np.float32)) for a in data)
-        x0 = (mean + std * posterior_noise) * store.manifest["scale_factor"]
+    data, labels = store.read(indices, flips.numpy() if store.flip else None)
+    if store.mode == "latents":
+        mean, std = (torch.from_numpy(a) for a in data)
+        x0 = (mean + std * posterior_noise) * store.scale_factor
     else:
-        x0 = uint8_to_model(torch.from_numpy(np.asarray(data)))
-        if not stored_flips:   # pixels flip exactly; latents cannot be flipped after encoding
+        x0 = uint8_to_model(data)
+        if not store.flip:   # pixels flip exactly; latents cannot be flipped after encoding
             x0 = torch.where(flips[:, None, None, None], x0.flip(-1), x0)
-    return x0, torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    return x0, torch.from_numpy(labels.astype(np.int64, copy=False))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -329,8 +341,10 @@ def forward_backward(model, diffusion, micro_batches, num_buckets):
         n = x0.shape[0]
         w_sums, counts = diffusion.bucket_sums(losses["weighted"].detach(), t, num_buckets)
         m_sums, _ = diffusion.bucket_sums(losses["mse"].detach(), t, num_buckets)
+        # torch.full, not torch.tensor(n, device=...): a blocking host-to-device copy would wait for this
+        # micro-batch's backward before the next forward could be queued.
         head = torch.stack([losses["loss"].detach().double() * n, losses["mse"].detach().double().sum(),
-                            torch.tensor(float(n), dtype=torch.float64, device=x0.device)])
+                            torch.full((), float(n), dtype=torch.float64, device=x0.device)])
         stats.append(torch.cat([head, w_sums.to(head), m_sums.to(head), counts.to(head)]))
     return torch.stack(stats).sum(0)
 
@@ -355,8 +369,8 @@ def rng_state(device):
 
 
 def training_state(model, ema, optimizer, step, samples_seen, world):
-    """The DCP state dict. Same-named entries keep rank 0's value, so each rank's RNG (label dropout)
-    goes under its own key."""
+    """The DCP state dict. Same-named entries keep rank 0's value, so each rank's global RNG state goes
+    under its own key."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
     progress = {k: torch.tensor(v, dtype=torch.int64)
                 for k, v in (("step", step), ("samples_seen", samples_seen), ("world_size", world.world_size))}
@@ -525,7 +539,9 @@ def main():
 
     model, ema = build_models(cfg, margs, world.device)
     optimizer = build_optimizer(cfg, model, world.device)
-    torch.manual_seed(seed_for(seed, RANK_STREAM, world.rank))   # per-rank stream: the model's label dropout
+    # Per-rank global RNG, saved per rank in checkpoints. The step itself draws nothing from it: t, noise,
+    # flips and label dropout come from step_randomness, so they do not depend on the world size.
+    torch.manual_seed(seed_for(seed, RANK_STREAM, world.rank))
     step, samples_seen = 0, 0
     complete = checkpoint_dirs(run_dir)
     if complete:

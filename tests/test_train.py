@@ -223,6 +223,8 @@ def test_non_finite_loss_stops_with_clear_error(data, tmp_path):
 @pytest.mark.parametrize("sets, message", [
     (["optim.lrr=1e-3"], "unknown config key 'optim.lrr' in --set (did you mean 'optim.lr'?)"),
     (["train.steps=ten"], "config key 'train.steps' expects int, got 'ten'"),
+    (["optim.betas=[0.9,"], "--set 'optim.betas=[0.9,' is not valid YAML"),
+    (["optim=1e-3"], "config key 'optim' in --set is a section: give it a mapping of lr, betas"),
     (["model.name=DiT-XL2"], "unknown model.name 'DiT-XL2' (did you mean 'DiT-XL/2'?)"),
     (["data.path=/nonexistent/store"], "store not found: /nonexistent/store"),
     (["data.mode=latents"], "holds pixels, but latents were asked for"),
@@ -289,6 +291,13 @@ def test_config_precedence_and_saved_config(tmp_path):
         train.load_config(["--config", str(path)])
         named = train.flatten(yaml.safe_load(path.read_text()))
         assert {"diffusion.weighting", "diffusion.gamma", "diffusion.target", "diffusion.schedule"} <= set(named)
+
+
+def test_malformed_yaml_config_is_a_config_error(tmp_path):
+    config = tmp_path / "broken.yaml"
+    config.write_text("optim:\n  betas: [0.9,\n")
+    with pytest.raises(train.ConfigError, match=r"broken.yaml is not valid YAML \(line 3"):
+        train.load_config(["--config", str(config)])
 
 
 def test_quickstart_config_trains_and_loss_falls(data, tmp_path):
