@@ -28,7 +28,8 @@ def timed_extract(args):
     return time.perf_counter() - start
 
 
-def main():
+def main(argv=None):
+    """Print the table; return its rows as dicts (benchmark, setting, figure, unit, extra)."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--data", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
                                                        "cifar10-jpeg.tar.gz"))
@@ -37,7 +38,7 @@ def main():
     parser.add_argument("--latent-per-class", type=int, default=200, help="images per class, latent mode at 256 px")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no GPU visible")
     rows = []
@@ -79,6 +80,8 @@ def main():
         print(f"| {name:<42} | {device:<6} | {count:>6} | {secs:>7.1f} | {count / secs:>8.1f} |")
     print(f"\n{torch.get_num_threads()} intra-op threads, {os.cpu_count()} CPUs, {args.num_workers} decode workers; "
           f"flip encodes 2 views per image")
+    return [{"benchmark": "extract", "setting": f"{name}, {device}", "figure": round(count / secs, 1),
+             "unit": "img/s", "extra": f"{count} images in {secs:.1f} s"} for name, device, count, secs in rows]
 
 
 if __name__ == "__main__":

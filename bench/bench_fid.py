@@ -53,13 +53,14 @@ def timed(cmd, env=None):
     return time.perf_counter() - start, r.stdout
 
 
-def main():
+def main(argv=None):
+    """Print the figures; return them as rows (benchmark, setting, figure, unit, extra)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=os.path.join(ROOT, "..", "shared", "data", "cifar10-jpeg.tar.gz"))
     parser.add_argument("--num-images", type=int, default=100, help="images per folder (train and test)")
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--device", default="cpu")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     work = tempfile.mkdtemp(prefix="bench_fid_")
     a, b = os.path.join(work, "train"), os.path.join(work, "test")
@@ -118,6 +119,14 @@ def main():
           f"pytorch-fid {t_theirs:.1f} s ({n_total / t_theirs:.2f} img/s, FID only), ratio {t_theirs / t_ours:.2f}x")
     print(f"FID-{evaluate.count_label(args.num_images)} train vs test: evaluate.py (ADM/TF preprocessing) {fid_ours:.3f}, "
           f"pytorch-fid {fid_theirs:.3f}, difference {fid_theirs - fid_ours:+.3f}")
+    setting = f"Inception features, CIFAR-10 32px, {args.device} b{args.batch_size}"
+    return [{"benchmark": "fid", "setting": f"{setting}, {len(files)} images in-process (best of 2)",
+             "figure": round(ours_ips, 2), "unit": "img/s",
+             "extra": f"pytorch-fid {theirs_ips:.2f} img/s, ratio {ours_ips / theirs_ips:.2f}x"},
+            {"benchmark": "fid", "setting": f"{setting}, CLI wall clock {n_total} images",
+             "figure": round(n_total / t_ours, 2), "unit": "img/s",
+             "extra": f"pytorch-fid {n_total / t_theirs:.2f} img/s, ratio {t_theirs / t_ours:.2f}x; "
+                      f"FID {fid_ours:.3f} vs pytorch-fid {fid_theirs:.3f}"}]
 
 
 if __name__ == "__main__":

@@ -47,7 +47,8 @@ def timed(fn, device):
 
 
 @torch.no_grad()
-def main(args):
+def run(args):
+    """Print the figures; return them as one row (benchmark, setting, figure, unit, extra)."""
     device = torch.device(args.device)
     if args.precision == "tf32":
         torch.set_float32_matmul_precision("high")
@@ -75,6 +76,7 @@ def main(args):
     print(f"denoise: {per_call * 1e3:.1f} ms per model call (timed {args.timed_steps} steps, extrapolated to "
           f"{full_steps}) -> {1 / denoise_s:.3f} images/s")
     total_s = denoise_s
+    extra = f"denoise {1 / denoise_s:.3f} img/s ({per_call * 1e3:.1f} ms/model call, {args.timed_steps} steps timed)"
     if latent:
         from diffusers.models import AutoencoderKL
 
@@ -85,10 +87,16 @@ def main(args):
         decode_s = seconds / args.batch_size
         total_s += decode_s
         print(f"VAE decode (SD-VAE architecture, fp32): {1 / decode_s:.2f} images/s")
+        extra += f", VAE decode {1 / decode_s:.2f} img/s"
     print(f"total: {1 / total_s:.3f} images/s; 50,000 images would take {50_000 * total_s / 3600:.2f} h on this device")
+    threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
+    return [{"benchmark": "sample", "figure": round(1 / total_s, 3), "unit": "img/s",
+             "setting": f"{args.model} {args.mode} {args.image_size}px {args.sampler}-{full_steps} cfg {args.cfg_scale} "
+                        f"b{args.batch_size} {args.precision}{threads}",
+             "extra": f"{extra}; 50k images: {50_000 * total_s / 3600:.2f} h"}]
 
 
-if __name__ == "__main__":
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="DiT-XL/2", choices=list(ALL_MODELS))
     parser.add_argument("--mode", choices=["latents", "pixels"], default="latents")
@@ -106,4 +114,8 @@ if __name__ == "__main__":
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.set_defaults(clip_denoised=False)  # denoise() reads it; a speed-neutral option
-    main(parser.parse_args())
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -116,7 +116,8 @@ def bench_one(args, world, name, compiled, checkpointing):
     return seconds, memory
 
 
-def main():
+def main(argv=None):
+    """Print the table; return its rows as dicts (benchmark, setting, figure, unit, extra)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=["DiT-Ti/4"])
     parser.add_argument("--input-size", type=int, default=32, help="model input side (latents: image size / 8)")
@@ -130,7 +131,7 @@ def main():
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
     parser.add_argument("--matmul-size", type=int, default=None, help="side of the peak-rate matmul (default: 8192 GPU, 1024 CPU)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     world = init_distributed()
     if world.device.type == "cuda":
@@ -147,6 +148,7 @@ def main():
     print(f"{'model':<10} {'params':>8} {'GFLOP/img':>10} {'dtype':>5} {'compile':>7} {'ckpt':>4} "
           f"{'img/s':>9} {'step ms':>9} {'TFLOP/s':>8} {'MFU':>6} {'mem GB':>7}")
     choices = {"off": [False], "on": [True], "both": [False, True]}
+    rows = []
     for name in args.models:
         forward, params = forward_flops_per_image(name, args.input_size, args.in_channels, args.learn_sigma)
         for compiled, checkpointing in itertools.product(choices[args.compile], choices[args.checkpointing]):
@@ -156,7 +158,14 @@ def main():
             print(f"{name:<10} {params / 1e6:>7.1f}M {3 * forward / 1e9:>10.2f} {args.dtype:>5} "
                   f"{'on' if compiled else 'off':>7} {'on' if checkpointing else 'off':>4} {images:>9.1f} "
                   f"{seconds * 1e3:>9.1f} {achieved / 1e12:>8.3f} {achieved / peak:>6.1%} {memory:>7.2f}", flush=True)
+            rows.append({"benchmark": "train", "figure": round(images, 1), "unit": "img/s",
+                         "setting": f"{name} {args.in_channels}x{args.input_size}x{args.input_size} "
+                                    f"b{args.batch_size} {args.dtype} compile {'on' if compiled else 'off'} "
+                                    f"ckpt {'on' if checkpointing else 'off'}",
+                         "extra": f"MFU {achieved / peak:.0%} of {peak / 1e12:.2f} TFLOP/s {args.dtype} matmul, "
+                                  f"{memory:.2f} GB"})
     train.cleanup_distributed()
+    return rows
 
 
 if __name__ == "__main__":

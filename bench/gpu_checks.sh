@@ -27,13 +27,6 @@ step train_smoke 150 bash -c "python3 extract_latents.py --data builtin --num-im
     --vae none --out /tmp/gpu-builtin16 && torchrun --nproc-per-node=1 train.py --config configs/quickstart.yaml \
     --set data.path=/tmp/gpu-builtin16 --set run.results_dir=/tmp/gpu-runs --set train.steps=40 \
     --set checkpoint.every=20 --set train.precision=bf16 --set model.compile=true"
-# Training throughput and MFU against the measured bf16 matmul rate.
-step bench_train 300 python3 bench/bench_train.py --models DiT-B/2 DiT-XL/2 --input-size 32 --in-channels 4 \
-    --batch-size 64 --dtype bf16 --compile both --checkpointing both --steps 10 --warmup 3
-# Sampling throughput, DiT-XL/2 at 256 px, DDPM-250 with guidance (extrapolated from 10 timed steps).
-step bench_sample 120 python3 bench/bench_sample.py --model DiT-XL/2 --image-size 256 --sampler ddpm --steps 250 \
-    --timed-steps 10 --cfg-scale 1.5 --precision bf16 --batch-size 64 --device cuda
-# Latent extraction at 256 px through the full-size SD-VAE architecture.
-step bench_extract 120 python3 bench/bench_extract.py --device cuda --latent-per-class 500
-# FID feature extraction on the GPU vs pytorch-fid's CLI.
-step bench_fid 150 python3 bench/bench_fid.py --device cuda --num-images 5000 --batch-size 250
+# Every benchmark (training MFU for DiT-B/2 and XL/2 with compile and checkpointing on/off, DiT-XL/2
+# DDPM-250 sampling, 256 px latent extraction, FID features vs pytorch-fid) in one table: bench/run_all.py.
+step bench_all 540 python3 bench/run_all.py --device cuda --out "$out/bench_all.json"
