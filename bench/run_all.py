@@ -31,7 +31,7 @@ PLANS = {
                         "--steps 5 --warmup 2"),
         ("bench_sample", "--model DiT-Ti/2 --image-size 64 --steps 250 --timed-steps 5 --batch-size 8 "
                          "--sampler ddpm --cfg-scale 1.5 --device cpu"),
-        ("bench_fid", "--num-images 100 --device cpu"),
+        ("bench_fid", "--num-images 50 --device cpu"),
         ("bench_extract", "--pixel-per-class 1000 --device cpu"),
     ],
     "cuda": [
