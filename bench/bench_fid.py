@@ -54,15 +54,18 @@ def timed(cmd, env=None):
 
 
 def main(argv=None):
-    """Print the figures; return them as rows (benchmark, setting, figure, unit, extra)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=os.path.join(ROOT, "..", "shared", "data", "cifar10-jpeg.tar.gz"))
     parser.add_argument("--num-images", type=int, default=100, help="images per folder (train and test)")
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="bench_fid_") as work:   # ~100 MB of images and weights
+        return compare(args, work)
 
-    work = tempfile.mkdtemp(prefix="bench_fid_")
+
+def compare(args, work):
+    """Print the figures; return them as rows (benchmark, setting, figure, unit, extra)."""
     a, b = os.path.join(work, "train"), os.path.join(work, "test")
     extract_cifar(args.data, "train", args.num_images, a)
     extract_cifar(args.data, "test", args.num_images, b)
