@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from distributed import atomic_write, cleanup_distributed, init_distributed
-from store import FORMAT, VERSION, combined_checksum, sha256_file, uint8_to_model
+from store import FORMAT, SD_VAE_SCALE_FACTOR, VERSION, combined_checksum, sha256_file, uint8_to_model
 
 TOOL_VERSION = "extract_latents 1.0"
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".jfif"}
@@ -551,7 +551,7 @@ def main(argv=None):
     vae, scale_factor = None, None
     if latents and todo:
         vae = load_vae(args.vae, world.device)
-        scale_factor = float(getattr(vae.config, "scaling_factor", None) or 0.18215)
+        scale_factor = float(getattr(vae.config, "scaling_factor", None) or SD_VAE_SCALE_FACTOR)
         factor = 2 ** (len(vae.config.block_out_channels) - 1)
         if args.image_size % factor:
             raise SystemExit(f"--image-size {args.image_size} is not a multiple of the VAE downsampling factor {factor}")

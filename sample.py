@@ -31,12 +31,11 @@ from tqdm import tqdm
 from diffusion import GaussianDiffusion, guided_model_fn
 from distributed import atomic_write, barrier, cleanup_distributed, init_distributed
 from models import ALL_MODELS
-from store import model_to_uint8
+from store import SD_VAE_SCALE_FACTOR, model_to_uint8
 
 # Settings of the official DiT checkpoints (plain state dicts carry none of their own).
 DIT_DEFAULTS = {"model": "DiT-XL/2", "image_size": 256, "num_classes": 1000, "learn_sigma": True,
                 "vae": "stabilityai/sd-vae-ft-ema"}
-DIT_SCALE_FACTOR = 0.18215  # the SD VAE latent scale DiT trained with
 
 
 def fail(message):
@@ -80,7 +79,7 @@ def load_model(args):
                         "num_classes": flags["num_classes"], "learn_sigma": flags["learn_sigma"],
                         "class_dropout_prob": 0.1}  # > 0 so the table has DiT's extra null-label row
         diffusion = GaussianDiffusion(schedule="linear", target="eps", learn_sigma=flags["learn_sigma"])
-        vae, scale_factor = args.vae or DIT_DEFAULTS["vae"], DIT_SCALE_FACTOR
+        vae, scale_factor = args.vae or DIT_DEFAULTS["vae"], SD_VAE_SCALE_FACTOR
     else:
         fail(f"{args.ckpt} is neither an exported checkpoint ({{'model', 'ema', 'args'}}) nor a plain state dict")
 

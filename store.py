@@ -21,6 +21,9 @@ import torch
 
 FORMAT = "minsnr-store"
 VERSION = 1
+# Latent scale of the SD VAEs (sd-vae-ft-ema/-mse) that DiT and the paper trained with; used when a
+# VAE's config does not say, and for official DiT checkpoints, which record nothing.
+SD_VAE_SCALE_FACTOR = 0.18215
 
 
 class StoreError(ValueError):

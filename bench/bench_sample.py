@@ -19,7 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from diffusion import GaussianDiffusion  # noqa: E402
 from bench_extract import SD_VAE_CONFIG  # noqa: E402
 from models import ALL_MODELS  # noqa: E402
-from sample import DIT_SCALE_FACTOR, decode, denoise  # noqa: E402
+from sample import decode, denoise  # noqa: E402
+from store import SD_VAE_SCALE_FACTOR  # noqa: E402
 
 
 def model_calls(diffusion, args, steps):
@@ -82,8 +83,8 @@ def run(args):
 
         with device:
             vae = AutoencoderKL(**SD_VAE_CONFIG).eval()
-        decode(x, vae, DIT_SCALE_FACTOR)  # warm-up
-        _, seconds = timed(lambda: decode(x, vae, DIT_SCALE_FACTOR), device)
+        decode(x, vae, SD_VAE_SCALE_FACTOR)  # warm-up
+        _, seconds = timed(lambda: decode(x, vae, SD_VAE_SCALE_FACTOR), device)
         decode_s = seconds / args.batch_size
         total_s += decode_s
         print(f"VAE decode (SD-VAE architecture, fp32): {1 / decode_s:.2f} images/s")
