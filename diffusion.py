@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-WEIGHTINGS = ("const", "snr", "max_snr", "min_snr", "soft_min_snr")
+WEIGHTINGS = ("const", "snr", "snr_plus_one", "max_snr", "min_snr", "soft_min_snr")
 TARGETS = ("eps", "x0", "v")
 SCHEDULES = ("linear", "cosine")
 SAMPLERS = ("ddpm", "ddim", "heun")
@@ -68,11 +68,12 @@ def respace_timesteps(num_timesteps, steps):
 def loss_weight(snr, weighting, target, gamma=5.0):
     """Weight multiplying the per-sample MSE of `target` (REFERENCE.md §1).
 
-    Defined on x0-space as in the paper (w = 1, SNR, max(SNR, γ), min(SNR, γ), 1/(1/SNR + 1/γ)) and
-    converted: ε-MSE weight = w/SNR, v-MSE weight = w/(SNR + 1), x0-MSE weight = w. Each form is
-    written so that it stays exact at SNR = 0 and SNR = inf. The few weights that are genuinely
-    infinite there (const/max_snr on ε at SNR = 0; snr/max_snr on x0 at SNR = inf) raise ValueError
-    rather than returning inf.
+    Defined on x0-space as in the paper (w = 1, SNR, SNR + 1, max(SNR, γ), min(SNR, γ),
+    1/(1/SNR + 1/γ)) and converted: ε-MSE weight = w/SNR, v-MSE weight = w/(SNR + 1), x0-MSE weight
+    = w. `snr_plus_one` is plain v-MSE, the v-prediction baseline. Each form is written so that it
+    stays exact at SNR = 0 and SNR = inf. The few weights that are genuinely infinite there
+    (const/snr_plus_one/max_snr on ε at SNR = 0; snr/snr_plus_one/max_snr on x0 at SNR = inf) raise
+    ValueError rather than returning inf.
     """
     if weighting not in WEIGHTINGS:
         raise ValueError(f"unknown weighting {weighting!r}; expected one of {WEIGHTINGS}")
@@ -84,12 +85,14 @@ def loss_weight(snr, weighting, target, gamma=5.0):
     if target == "x0":
         w = {"const": one,
              "snr": snr,
+             "snr_plus_one": snr + 1,
              "max_snr": snr.clamp(min=gamma),
              "min_snr": snr.clamp(max=gamma),
              "soft_min_snr": (inv + 1 / gamma).reciprocal()}[weighting]
     elif target == "eps":
         w = {"const": inv,
              "snr": one,                                  # plain ε-MSE
+             "snr_plus_one": 1 + inv,
              "max_snr": (gamma * inv).clamp(min=1),       # max(SNR, γ)/SNR
              "min_snr": (gamma * inv).clamp(max=1),       # min(SNR, γ)/SNR
              "soft_min_snr": (1 + snr / gamma).reciprocal()}[weighting]  # γ/(SNR + γ)
@@ -99,6 +102,7 @@ def loss_weight(snr, weighting, target, gamma=5.0):
         # min(SNR, γ)/(SNR+1), not min(SNR+1, γ)/(SNR+1) (a known bug in a popular library).
         w = {"const": one_frac,
              "snr": snr_frac,
+             "snr_plus_one": one,                         # plain v-MSE
              "max_snr": torch.maximum(snr_frac, gamma * one_frac),
              "min_snr": torch.minimum(snr_frac, gamma * one_frac),
              "soft_min_snr": (1 + inv + (1 + snr) / gamma).reciprocal()}[weighting]

@@ -20,12 +20,10 @@ Runs (all: cosine schedule, T = 1000, no learned σ, same model/optimizer/batch/
   ε-prediction   snr (= plain ε-MSE, the usual baseline), const (= x0-MSE), max_snr γ=1 (truncated SNR),
                  min_snr γ=5, soft_min_snr γ=5
   x0-prediction  const (= plain x0-MSE, the baseline) vs min_snr γ=5
-  v-prediction   max_snr γ=1 vs min_snr γ=5. Plain v-MSE is w_x0 = SNR+1 (‖v−v̂‖² = (SNR+1)‖x0−x̂0‖²),
-                 which train.py's weightings (all defined in x0-space, REFERENCE.md §1) cannot express;
-                 max_snr γ=1 on v, w_v = max(SNR,1)/(SNR+1) ∈ [½, 1], is the nearest one (Salimans & Ho's
-                 truncated SNR, their stand-in for SNR+1). `const` on v would be w_v = 1/(SNR+1): not a
-                 plain v-loss at all.
-The weights are the paper's: w_x0 = 1, SNR, max(SNR,γ), min(SNR,γ), 1/(1/SNR+1/γ) (diffusion.loss_weight).
+  v-prediction   snr_plus_one (w_x0 = SNR+1, i.e. plain v-MSE since ‖v−v̂‖² = (SNR+1)‖x0−x̂0‖², the
+                 baseline) vs min_snr γ=5. (`const` on v would be w_v = 1/(SNR+1): not a plain v-loss.)
+The weights are the paper's, w_x0 = 1, SNR, max(SNR,γ), min(SNR,γ), 1/(1/SNR+1/γ), plus SNR+1
+(diffusion.loss_weight).
 
 Evaluation: DDIM, η = 0, clip x0 to [-1,1], guidance off (cfg 1.0): one deterministic sampler for every
 run, and no guidance scale to tune per strategy, so the FIDs compare the weightings and nothing else.
@@ -83,12 +81,12 @@ RUNS = {
     "eps-soft_min_snr5": ("eps", "soft_min_snr", 5.0, "ε · Soft-Min-SNR-5"),
     "x0-const":         ("x0", "const", None, "x0 · const (plain x0-MSE, baseline)"),
     "x0-min_snr5":      ("x0", "min_snr", 5.0, "x0 · Min-SNR-5"),
-    "v-max_snr1":       ("v", "max_snr", 1.0, "v · Max-SNR-1 (≈ plain v-MSE, baseline)"),
+    "v-snr_plus_one":   ("v", "snr_plus_one", None, "v · SNR+1 (plain v-MSE, baseline)"),
     "v-min_snr5":       ("v", "min_snr", 5.0, "v · Min-SNR-5"),
 }
-BASELINE = {"eps": "eps-snr", "x0": "x0-const", "v": "v-max_snr1"}
+BASELINE = {"eps": "eps-snr", "x0": "x0-const", "v": "v-snr_plus_one"}
 HEADLINE = ("eps-snr", "eps-min_snr5")
-PAIRS = [("eps-snr", "eps-min_snr5"), ("x0-const", "x0-min_snr5"), ("v-max_snr1", "v-min_snr5")]
+PAIRS = [("eps-snr", "eps-min_snr5"), ("x0-const", "x0-min_snr5"), ("v-snr_plus_one", "v-min_snr5")]
 
 SCALES = {
     # 2 CPU cores, 3 hours: see the module docstring for the arithmetic.
@@ -401,7 +399,8 @@ def report(study):
             per = pair_speedups(curves, base, run, steps)
             summary["speedups"][f"{run} vs {base}"] = {str(s): v for s, v in per.items()}
             sp = fmt_speedups(per)[0]
-        w = {"const": "1", "snr": "SNR", "max_snr": "max(SNR, {g})", "min_snr": "min(SNR, {g})",
+        w = {"const": "1", "snr": "SNR", "snr_plus_one": "SNR + 1", "max_snr": "max(SNR, {g})",
+             "min_snr": "min(SNR, {g})",
              "soft_min_snr": "1/(1/SNR + 1/{g})"}[weighting].format(g=f"{gamma:g}" if gamma else "")
         rows.append([label, target, w, ",".join(map(str, per_seed))] + cells + [sp])
 

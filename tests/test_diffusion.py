@@ -17,19 +17,19 @@ GAMMA = 5.0
 
 def naive_weight(snr, weighting, target, gamma=GAMMA):
     """The paper's definition written directly (finite, positive SNR only)."""
-    w = {"const": 1.0, "snr": snr, "max_snr": max(snr, gamma), "min_snr": min(snr, gamma),
+    w = {"const": 1.0, "snr": snr, "snr_plus_one": snr + 1, "max_snr": max(snr, gamma), "min_snr": min(snr, gamma),
          "soft_min_snr": 1 / (1 / snr + 1 / gamma)}[weighting]
     return {"x0": w, "eps": w / snr, "v": w / (snr + 1)}[target]
 
 
 # Limits at SNR = 0 and SNR = inf; None = genuinely infinite (must raise).
 LIMITS = {
-    0.0: {"x0": dict(const=1, snr=0, max_snr=GAMMA, min_snr=0, soft_min_snr=0),
-          "eps": dict(const=None, snr=1, max_snr=None, min_snr=1, soft_min_snr=1),
-          "v": dict(const=1, snr=0, max_snr=GAMMA, min_snr=0, soft_min_snr=0)},
-    math.inf: {"x0": dict(const=1, snr=None, max_snr=None, min_snr=GAMMA, soft_min_snr=GAMMA),
-               "eps": dict(const=0, snr=1, max_snr=1, min_snr=0, soft_min_snr=0),
-               "v": dict(const=0, snr=1, max_snr=1, min_snr=0, soft_min_snr=0)},
+    0.0: {"x0": dict(const=1, snr=0, snr_plus_one=1, max_snr=GAMMA, min_snr=0, soft_min_snr=0),
+          "eps": dict(const=None, snr=1, snr_plus_one=None, max_snr=None, min_snr=1, soft_min_snr=1),
+          "v": dict(const=1, snr=0, snr_plus_one=1, max_snr=GAMMA, min_snr=0, soft_min_snr=0)},
+    math.inf: {"x0": dict(const=1, snr=None, snr_plus_one=None, max_snr=None, min_snr=GAMMA, soft_min_snr=GAMMA),
+               "eps": dict(const=0, snr=1, snr_plus_one=1, max_snr=1, min_snr=0, soft_min_snr=0),
+               "v": dict(const=0, snr=1, snr_plus_one=1, max_snr=1, min_snr=0, soft_min_snr=0)},
 }
 
 
