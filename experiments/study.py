@@ -34,6 +34,11 @@ Reference: the first `ref_per_class` images of each class of the CIFAR-10 train 
 the store is class-ordered so `--limit` would not be), statistics computed once with evaluate.py
 --save-stats.
 
+Diagnostic: the final EMA weights of every run are also scored on held-out data, per noise level
+(experiments/loss_by_t.py: x0-MSE on `loss_images` CIFAR-10 test images at `loss_timesteps` timesteps, same
+images and noise for every run), to see where along the schedule a weighting helps or hurts:
+loss_by_t.png and a second table (ratio to the run's baseline in three SNR bands).
+
 Headline (the paper's way): F = the baseline's FID at its final step S; s = the first step at which
 Min-SNR's FID curve reaches F, linearly interpolated between evaluated checkpoints; speed-up = S / s.
 If Min-SNR is already below F at its first checkpoint, the factor is a lower bound (≥ S / first step);
@@ -61,12 +66,10 @@ import argparse
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -92,16 +95,18 @@ SCALES = {
     # 2 CPU cores, 3 hours: see the module docstring for the arithmetic.
     "cpu": dict(model="DiT-Ti/4", steps=1000, batch=32, lr=1e-3, warmup=50, evals=5, num_samples=250,
                 sampler="ddim", sampler_steps=20, sample_batch=125, ref_per_class=500,
-                seeds=[0, 1], other_seeds=[0], runs=list(RUNS), jobs=2, threads=1, nproc=1, device="cpu",
+                loss_images=256, loss_timesteps=20, seeds=[0, 1], other_seeds=[0], runs=list(RUNS), jobs=2, threads=1, nproc=1, device="cpu",
                 precision="fp32"),
     # One GPU node (e.g. 1-8 GPUs; --set nproc=8). FID-10K every 5k steps against 50k train images.
     "gpu": dict(model="DiT-S/2", steps=40000, batch=128, lr=2e-4, warmup=1000, evals=8, num_samples=10000,
                 sampler="ddim", sampler_steps=50, sample_batch=500, ref_per_class=5000,
+                loss_images=2000, loss_timesteps=50,
                 seeds=[0, 1, 2], other_seeds=[0, 1], runs=list(RUNS), jobs=1, threads=0, nproc=1,
                 device="cuda", precision="bf16"),
     # Pipeline check: minutes on a CPU, numbers meaningless.
     "toy": dict(model="DiT-Ti/4", steps=40, batch=16, lr=1e-3, warmup=5, evals=2, num_samples=50,
                 sampler="ddim", sampler_steps=5, sample_batch=50, ref_per_class=20,
+                loss_images=32, loss_timesteps=4,
                 seeds=[0, 1], other_seeds=[0], runs=["eps-snr", "eps-min_snr5"], jobs=2, threads=1, nproc=1,
                 device="cpu", precision="fp32"),
 }
@@ -157,6 +162,7 @@ class Study:
         self.data = (ROOT / args.data).resolve() if not os.path.isabs(args.data) else Path(args.data)
         self.ref_store = self.out / "ref" / f"cifar10-train-{cfg['ref_per_class']}pc"
         self.ref_stats = self.out / "ref" / f"cifar10-train-{cfg['ref_per_class']}pc-stats.npz"
+        self.test_store = self.out / "ref" / "cifar10-test"
         self.ref_ready = threading.Event()
         self.lock = threading.Lock()
         self.failures = []
@@ -214,6 +220,9 @@ class Study:
     def eval_json(self, run, seed, step):
         return self.out / "evals" / f"{run}-s{seed}" / f"step-{step:07d}.json"
 
+    def loss_json(self, run, seed):
+        return self.out / "evals" / f"{run}-s{seed}" / f"loss_by_t-step-{self.cfg['steps']:07d}.json"
+
     # -- tasks
     def prepare_data(self):
         if not (self.data / "manifest.json").exists():
@@ -222,6 +231,11 @@ class Study:
                                              "--split", "train", "--image-size", "32", "--vae", "none", "--out", self.data])
             if not ok:
                 sys.exit("study.py: error: could not extract the training data")
+        if not (self.test_store / "manifest.json").exists():
+            ok = self.call("extract-test", [sys.executable, ROOT / "extract_latents.py", "--data", self.args.archive,
+                                            "--split", "test", "--image-size", "32", "--vae", "none", "--out", self.test_store])
+            if not ok:
+                sys.exit("study.py: error: could not extract the held-out (test) data")
 
     def reference(self):
         try:
@@ -282,6 +296,19 @@ class Study:
             if step != c["steps"] and not self.args.keep_exports and ckpt.exists():
                 ckpt.unlink()   # intermediate exports are only needed for their evaluation
 
+    def loss_by_t(self, run, seed):
+        """Held-out x0-MSE per timestep of the final EMA weights (experiments/loss_by_t.py)."""
+        c, out_json = self.cfg, self.loss_json(run, seed)
+        if out_json.exists():
+            done = json.loads(out_json.read_text())
+            if done["num_images"] == c["loss_images"] and len(done["t"]) == c["loss_timesteps"]:
+                return
+        out_json.parent.mkdir(parents=True, exist_ok=True)
+        self.call(f"loss_by_t-{run}-s{seed}", [
+            sys.executable, ROOT / "experiments" / "loss_by_t.py", "--ckpt", self.export(run, seed, c["steps"]),
+            "--data", self.test_store, "--num-images", c["loss_images"], "--timesteps", c["loss_timesteps"],
+            "--device", c["device"], "--out", out_json])
+
     # -- scheduling: a pool of `jobs` workers; evaluations of a finished training go before new trainings
     def run_all(self):
         self.prepare_data()
@@ -302,9 +329,12 @@ class Study:
                 try:
                     if task[0] == "ref":
                         self.reference()
+                    elif task[0] == "loss_by_t":
+                        self.loss_by_t(task[1], task[2])
                     elif task[0] == "train":
                         if self.train(task[1], task[2]):
                             evals = [("eval", task[1], task[2], s) for s in self.eval_steps]
+                            evals.append(("loss_by_t", task[1], task[2]))
                             with cv:
                                 pending[:0] = evals
                     else:
@@ -338,6 +368,58 @@ def collect(study):
         if pts:
             curves.setdefault(run, {})[seed] = pts
     return curves
+
+
+def collect_losses(study):
+    losses = {}   # run -> seed -> loss_by_t.py's JSON
+    for run, seed in study.run_names():
+        p = study.loss_json(run, seed)
+        if p.exists():
+            losses.setdefault(run, {})[seed] = json.loads(p.read_text())
+    return losses
+
+
+def loss_ratios(losses, run):
+    """Held-out x0-MSE of `run` over its baseline's at each timestep, same seed paired, geometric mean
+    over the seeds both have -> (t, snr, ratio, seeds), or None without a pair."""
+    base = BASELINE[RUNS[run][0]]
+    seeds = sorted(set(losses.get(run, {})) & set(losses.get(base, {})))
+    if not seeds:
+        return None
+    log_ratios = [[math.log(m / b) for m, b in zip(losses[run][s]["x0_mse"], losses[base][s]["x0_mse"])]
+                  for s in seeds]
+    ratio = [math.exp(sum(col) / len(col)) for col in zip(*log_ratios)]
+    first = losses[run][seeds[0]]
+    return first["t"], first["snr"], ratio, seeds
+
+
+# Noise-level bands of the held-out loss table: the last sampling steps, the Min-SNR-5 clamp's range, the rest.
+LOSS_BANDS = [("SNR ≥ 100", lambda snr: snr >= 100), ("5 < SNR < 100", lambda snr: 5 < snr < 100),
+              ("SNR ≤ 5", lambda snr: snr <= 5)]
+
+
+def loss_table(study, losses):
+    """Markdown lines: per run, geometric-mean x0-MSE ratio to its baseline within each band."""
+    c = study.cfg
+    rows = []
+    for run in c["runs"]:
+        r = loss_ratios(losses, run) if run not in BASELINE.values() else None
+        if r is None:
+            continue
+        t, snr, ratio, seeds = r
+        cells = []
+        for _, inside in LOSS_BANDS:
+            vals = [math.log(q) for q, s in zip(ratio, snr) if inside(s)]
+            cells.append(f"{math.exp(sum(vals) / len(vals)):.3f}" if vals else "")
+        rows.append([RUNS[run][3], BASELINE[RUNS[run][0]], ",".join(map(str, seeds))] + cells)
+    if not rows:
+        return []
+    header = ["run", "vs", "seeds"] + [name for name, _ in LOSS_BANDS]
+    return ["", f"Held-out denoising error relative to the baseline: x0-MSE ratio on {c['loss_images']} CIFAR-10 "
+                f"test images at {c['loss_timesteps']} timesteps evenly spaced over [0, 999] (final EMA weights, "
+                f"same images and noise for every run, seeds paired), geometric mean within each SNR band; "
+                f"< 1 = lower error than the baseline.", "",
+            "| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
 def complete(curve, steps):
@@ -416,30 +498,45 @@ def report(study):
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     lines += ["", f"**Headline** (ε-prediction, steps Min-SNR-5 needs to reach the SNR baseline's final FID, "
                   f"interpolated between checkpoints): speed-up **{head_text}**"]
+    losses = collect_losses(study)
+    lines += loss_table(study, losses)
+    summary["loss_by_t"] = {run: {str(s): v for s, v in per.items()} for run, per in losses.items()}
     (study.out / "table.md").write_text("\n".join(lines) + "\n")
     (study.out / "study.json").write_text(json.dumps(summary, indent=1))
     plot(study, curves)
+    plot_losses(study, losses)
     print("\n".join(lines))
-    log(f"wrote {study.out / 'table.md'}, {study.out / 'fid_vs_steps.png'}, {study.out / 'study.json'}")
+    log(f"wrote {study.out / 'table.md'}, {study.out / 'fid_vs_steps.png'}, {study.out / 'loss_by_t.png'}, "
+        f"{study.out / 'study.json'}")
+
+
+def panels(runs):
+    """The two panels of every plot: (title, runs) for ε-prediction and for x0/v, empty ones left out."""
+    out = [("ε-prediction: weightings", [r for r in runs if RUNS[r][0] == "eps"]),
+           ("x0- and v-prediction: Min-SNR-5 vs baseline", [r for r in runs if RUNS[r][0] != "eps"])]
+    return [p for p in out if p[1]]
+
+
+def run_style(run):
+    """(colour, line style) of a run in every plot: one colour per ε run, one per target for x0/v;
+    dashed = a baseline."""
+    target = RUNS[run][0]
+    color = f"C{[r for r in RUNS if RUNS[r][0] == 'eps'].index(run)}" if target == "eps" else {"x0": "C0", "v": "C3"}[target]
+    return color, "--" if run in BASELINE.values() else "-"
 
 
 def plot(study, curves):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    panels = [("ε-prediction: weightings", [r for r in curves if RUNS[r][0] == "eps"]),
-              ("x0- and v-prediction: Min-SNR-5 vs baseline", [r for r in curves if RUNS[r][0] != "eps"])]
-    panels = [p for p in panels if p[1]]
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.6), squeeze=False)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, (title, runs) in zip(axes[0], panels):
-        for i, run in enumerate(runs):
+    chosen = panels(list(curves))
+    fig, axes = plt.subplots(1, len(chosen), figsize=(6.5 * len(chosen), 4.6), squeeze=False)
+    for ax, (title, runs) in zip(axes[0], chosen):
+        for run in runs:
             steps = sorted({s for curve in curves[run].values() for s, _ in curve})
             by_step = [[dict(curve)[s] for curve in curves[run].values() if s in dict(curve)] for s in steps]
             mean = [sum(v) / len(v) for v in by_step]
-            target = RUNS[run][0]   # x0/v panel: one colour per target, dashed = its baseline
-            color = colors[i % len(colors)] if target == "eps" else colors[{"x0": 0, "v": 3}[target]]
-            style = "--" if run in BASELINE.values() else "-"
+            color, style = run_style(run)
             n = len(curves[run])
             ax.plot(steps, mean, style, marker="o", ms=4, color=color,
                     label=f"{RUNS[run][3]} ({n} seed{'s' if n > 1 else ''})")
@@ -455,6 +552,41 @@ def plot(study, curves):
                  f"cfg 1.0; line = seed mean, band = min–max", fontsize=10)
     fig.tight_layout()
     fig.savefig(study.out / "fid_vs_steps.png", dpi=120)
+    plt.close(fig)
+
+
+def plot_losses(study, losses):
+    """loss_by_t.png: each run's held-out x0-MSE over its baseline's, against the timestep."""
+    ratios = {run: loss_ratios(losses, run) for run in losses if run not in BASELINE.values()}
+    ratios = {run: r for run, r in ratios.items() if r is not None}
+    if not ratios:
+        return
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    chosen = panels(list(ratios))
+    fig, axes = plt.subplots(1, len(chosen), figsize=(6.5 * len(chosen), 4.6), squeeze=False)
+    for ax, (title, runs) in zip(axes[0], chosen):
+        for run in runs:
+            t, snr, ratio, seeds = ratios[run]
+            color, style = run_style(run)
+            ax.plot(t, ratio, style, marker="o", ms=3, color=color,
+                    label=f"{RUNS[run][3]} / {RUNS[BASELINE[RUNS[run][0]]][3].split(' (')[0]} "
+                          f"({len(seeds)} seed{'s' if len(seeds) > 1 else ''})")
+        t_clamp = next(step for step, s in zip(t, snr) if s <= 5)   # first grid timestep inside SNR ≤ 5
+        ax.axvline(t_clamp, color="gray", ls=":", lw=1, label=f"SNR ≤ 5 from t ≈ {t_clamp}")
+        ax.axhline(1.0, color="black", lw=0.8)
+        ax.set_yscale("log")
+        ax.set_title(title)
+        ax.set_xlabel("timestep t (noise grows →)")
+        ax.set_ylabel("held-out x0-MSE / baseline's")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    c = study.cfg
+    fig.suptitle(f"CIFAR-10 test, {c['loss_images']} images × {c['loss_timesteps']} timesteps, final EMA weights "
+                 f"after {c['steps']} steps\nbelow 1 = denoises better than its baseline", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(study.out / "loss_by_t.png", dpi=120)
     plt.close(fig)
 
 

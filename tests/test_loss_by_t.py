@@ -1,0 +1,115 @@
+"""experiments/loss_by_t.py: the held-out x0-MSE per timestep against closed forms for each target,
+and the CLI's pairing guarantee (same images and noise whatever the batch size) and one-line errors."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import extract_latents
+from diffusion import TARGETS, GaussianDiffusion
+from models import ALL_MODELS
+
+ROOT = Path(__file__).resolve().parent.parent
+spec = importlib.util.spec_from_file_location("loss_by_t", ROOT / "experiments" / "loss_by_t.py")
+loss_by_t = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(loss_by_t)
+
+TIMESTEPS = [0, 10, 300, 999]
+
+
+def gaussian_batch(n=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 4, 4, generator=g) * 0.5, torch.randn(n, 3, 4, 4, generator=g)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_oracle_prediction_has_zero_error(target):
+    d = GaussianDiffusion("cosine", target=target, weighting="min_snr")
+    x0, noise = gaussian_batch()
+
+    def oracle(x_t, t, y):   # one batch: the whole x0 and noise are this call's
+        return d.target_of(x0, t, noise)
+
+    mse = loss_by_t.x0_mse_by_t(oracle, d, x0, torch.zeros(6, dtype=torch.long), TIMESTEPS[:-1], noise, batch_size=6)
+    assert mse.abs().max() < 1e-9
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_zero_prediction_matches_closed_form(target):
+    # Predicting 0 gives x̂0 = 0 (x0 target), x_t/α (ε target) or α·x_t (v target), so the error is known.
+    d = GaussianDiffusion("linear", target=target, weighting="min_snr")
+    x0, noise = gaussian_batch()
+
+    def zero(x_t, t, y):
+        return torch.zeros_like(x_t)
+
+    mse = loss_by_t.x0_mse_by_t(zero, d, x0, torch.zeros(6, dtype=torch.long), TIMESTEPS, noise, batch_size=4)
+    for k, t in enumerate(TIMESTEPS):
+        a, s = d.sqrt_alphas_cumprod[t].item(), d.sqrt_one_minus_alphas_cumprod[t].item()
+        error = {"x0": -x0, "eps": s / a * noise, "v": (a * a - 1) * x0 + a * s * noise}[target]
+        want = (error.double() ** 2).flatten(1).mean(1)
+        torch.testing.assert_close(mse[k], want, rtol=1e-5, atol=1e-12)
+
+
+def test_learned_sigma_channels_are_ignored():
+    d = GaussianDiffusion("cosine", target="x0", weighting="min_snr", learn_sigma=True)
+    x0, noise = gaussian_batch()
+
+    def with_variance(x_t, t, y):   # x0 in the mean channels, garbage in the variance channels
+        return torch.cat([x0, torch.full_like(x0, 1e3)], dim=1)
+
+    mse = loss_by_t.x0_mse_by_t(with_variance, d, x0, torch.zeros(6, dtype=torch.long), TIMESTEPS, noise, batch_size=6)
+    assert mse.abs().max() < 1e-12
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A builtin 8-px pixel store and an export of a random DiT-Ti/4 on it."""
+    tmp = tmp_path_factory.mktemp("lbt")
+    store = tmp / "store"
+    extract_latents.main(["--data", "builtin", "--num-images", "40", "--image-size", "8", "--vae", "none",
+                          "--out", str(store)])
+    model_cfg = {"name": "DiT-Ti/4", "input_size": 8, "in_channels": 3, "num_classes": 10, "learn_sigma": False,
+                 "class_dropout_prob": 0.1}
+    torch.manual_seed(0)
+    model = ALL_MODELS["DiT-Ti/4"](**{k: v for k, v in model_cfg.items() if k != "name"})
+    # adaLN-Zero outputs exactly 0 at init: random weights make the error depend on the input
+    state = {k: v if k == "pos_embed" else 0.05 * torch.randn(v.shape) for k, v in model.state_dict().items()}
+    args = {"config": {}, "model": model_cfg,
+            "diffusion": {"schedule": "cosine", "num_timesteps": 1000, "target": "v", "weighting": "min_snr",
+                          "gamma": 5.0, "zero_terminal_snr": False, "learn_sigma": False},
+            "data": {"mode": "pixels", "image_size": 8, "vae": None, "scale_factor": None,
+                     "class_names": [str(i) for i in range(10)]}, "step": 0}
+    torch.save({"model": state, "ema": state, "args": args}, tmp / "export.pt")
+    return tmp
+
+
+def run(files, out, *extra):
+    loss_by_t.main(["--ckpt", str(files / "export.pt"), "--data", str(files / "store"), "--num-images", "12",
+                    "--timesteps", "5", "--device", "cpu", "--out", str(out), *extra])
+    return json.loads(Path(out).read_text())
+
+
+def test_cli_pairs_images_and_noise_whatever_the_batch(files, tmp_path):
+    a = run(files, tmp_path / "a.json", "--batch-size", "12")
+    b = run(files, tmp_path / "b.json", "--batch-size", "5")
+    c = run(files, tmp_path / "c.json", "--seed", "1")
+    assert a["t"] == [0, 250, 500, 749, 999] and a["num_images"] == 12
+    torch.testing.assert_close(torch.tensor(a["x0_mse"]), torch.tensor(b["x0_mse"]), rtol=1e-5, atol=0)
+    assert a["x0_mse"] != c["x0_mse"]   # another seed: other images and noise
+
+
+def test_cli_errors_are_one_line(files, tmp_path):
+    def error_of(*argv):
+        with pytest.raises(SystemExit) as e:
+            loss_by_t.main([*argv, "--out", str(tmp_path / "x.json")])
+        message = str(e.value)
+        assert "\n" not in message and not (tmp_path / "x.json").exists()
+        return message
+
+    assert "checkpoint not found" in error_of("--ckpt", str(tmp_path / "nope.pt"), "--data", str(files / "store"))
+    assert "store not found" in error_of("--ckpt", str(files / "export.pt"), "--data", str(tmp_path / "nostore"))
+    assert "exceeds the 40 images" in error_of("--ckpt", str(files / "export.pt"), "--data", str(files / "store"),
+                                                "--num-images", "41")
