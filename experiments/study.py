@@ -525,13 +525,26 @@ def run_style(run):
     return color, "--" if run in BASELINE.values() else "-"
 
 
-def plot(study, curves):
+def save_panels(path, runs, draw, title):
+    """One axis per panel of `runs`, each drawn by draw(ax, panel_runs), saved as a PNG."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    chosen = panels(list(curves))
+    chosen = panels(runs)
     fig, axes = plt.subplots(1, len(chosen), figsize=(6.5 * len(chosen), 4.6), squeeze=False)
-    for ax, (title, runs) in zip(axes[0], chosen):
+    for ax, (panel_title, panel_runs) in zip(axes[0], chosen):
+        draw(ax, panel_runs)
+        ax.set_title(panel_title)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot(study, curves):
+    """fid_vs_steps.png: FID against training steps, seed mean and min–max band."""
+    def draw(ax, runs):
         for run in runs:
             steps = sorted({s for curve in curves[run].values() for s, _ in curve})
             by_step = [[dict(curve)[s] for curve in curves[run].values() if s in dict(curve)] for s in steps]
@@ -542,17 +555,14 @@ def plot(study, curves):
                     label=f"{RUNS[run][3]} ({n} seed{'s' if n > 1 else ''})")
             if n > 1:
                 ax.fill_between(steps, [min(v) for v in by_step], [max(v) for v in by_step], color=color, alpha=0.2)
-        ax.set_title(title)
         ax.set_xlabel("training steps")
         ax.set_ylabel(f"FID-{study.cfg['num_samples']}")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+
     c = study.cfg
-    fig.suptitle(f"CIFAR-10 32×32, {c['model']}, batch {c['batch']}, {c['sampler'].upper()}-{c['sampler_steps']}, "
-                 f"cfg 1.0; line = seed mean, band = min–max", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(study.out / "fid_vs_steps.png", dpi=120)
-    plt.close(fig)
+    save_panels(study.out / "fid_vs_steps.png", list(curves), draw,
+                f"CIFAR-10 32×32, {c['model']}, batch {c['batch']}, {c['sampler'].upper()}-{c['sampler_steps']}, "
+                f"cfg 1.0; line = seed mean, band = min–max")
 
 
 def plot_losses(study, losses):
@@ -561,12 +571,8 @@ def plot_losses(study, losses):
     ratios = {run: r for run, r in ratios.items() if r is not None}
     if not ratios:
         return
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    chosen = panels(list(ratios))
-    fig, axes = plt.subplots(1, len(chosen), figsize=(6.5 * len(chosen), 4.6), squeeze=False)
-    for ax, (title, runs) in zip(axes[0], chosen):
+
+    def draw(ax, runs):
         for run in runs:
             t, snr, ratio, seeds = ratios[run]
             color, style = run_style(run)
@@ -577,17 +583,14 @@ def plot_losses(study, losses):
         ax.axvline(t_clamp, color="gray", ls=":", lw=1, label=f"SNR ≤ 5 from t ≈ {t_clamp}")
         ax.axhline(1.0, color="black", lw=0.8)
         ax.set_yscale("log")
-        ax.set_title(title)
         ax.set_xlabel("timestep t (noise grows →)")
         ax.set_ylabel("held-out x0-MSE / baseline's")
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
+
     c = study.cfg
-    fig.suptitle(f"CIFAR-10 test, {c['loss_images']} images × {c['loss_timesteps']} timesteps, final EMA weights "
-                 f"after {c['steps']} steps\nbelow 1 = denoises better than its baseline", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(study.out / "loss_by_t.png", dpi=120)
-    plt.close(fig)
+    save_panels(study.out / "loss_by_t.png", list(ratios), draw,
+                f"CIFAR-10 test, {c['loss_images']} images × {c['loss_timesteps']} timesteps, final EMA weights "
+                f"after {c['steps']} steps\nbelow 1 = denoises better than its baseline")
 
 
 # ----------------------------------------------------------------------------------------------------
