@@ -1,20 +1,31 @@
-"""experiments/loss_by_t.py: the held-out x0-MSE per timestep against closed forms for each target,
-and the CLI's pairing guarantee (same images and noise whatever the batch size) and one-line errors."""
+"""The diagnostics in experiments/: loss_by_t.py's held-out x0-MSE per timestep against closed forms
+for each target, its pairing guarantee (same images and noise whatever the batch size) and one-line
+errors; swap_models.py's hand-over between two models against sample.py's own batches."""
 import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 import extract_latents
+import sample
 from diffusion import TARGETS, GaussianDiffusion
 from models import ALL_MODELS
 
 ROOT = Path(__file__).resolve().parent.parent
-spec = importlib.util.spec_from_file_location("loss_by_t", ROOT / "experiments" / "loss_by_t.py")
-loss_by_t = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(loss_by_t)
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+loss_by_t = load_script("loss_by_t")
+swap_models = load_script("swap_models")
 
 TIMESTEPS = [0, 10, 300, 999]
 
@@ -64,25 +75,33 @@ def test_learned_sigma_channels_are_ignored():
     assert mse.abs().max() < 1e-12
 
 
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    """A builtin 8-px pixel store and an export of a random DiT-Ti/4 on it."""
-    tmp = tmp_path_factory.mktemp("lbt")
-    store = tmp / "store"
-    extract_latents.main(["--data", "builtin", "--num-images", "40", "--image-size", "8", "--vae", "none",
-                          "--out", str(store)])
+def save_export(path, seed, target="v"):
+    """A random DiT-Ti/4 for 8-px pixels in train.py's export format."""
     model_cfg = {"name": "DiT-Ti/4", "input_size": 8, "in_channels": 3, "num_classes": 10, "learn_sigma": False,
                  "class_dropout_prob": 0.1}
-    torch.manual_seed(0)
     model = ALL_MODELS["DiT-Ti/4"](**{k: v for k, v in model_cfg.items() if k != "name"})
-    # adaLN-Zero outputs exactly 0 at init: random weights make the error depend on the input
-    state = {k: v if k == "pos_embed" else 0.05 * torch.randn(v.shape) for k, v in model.state_dict().items()}
+    # adaLN-Zero outputs exactly 0 at init: random weights make the output depend on the input
+    g = torch.Generator().manual_seed(seed)
+    state = {k: v if k == "pos_embed" else 0.05 * torch.randn(v.shape, generator=g)
+             for k, v in model.state_dict().items()}
     args = {"config": {}, "model": model_cfg,
-            "diffusion": {"schedule": "cosine", "num_timesteps": 1000, "target": "v", "weighting": "min_snr",
+            "diffusion": {"schedule": "cosine", "num_timesteps": 1000, "target": target, "weighting": "min_snr",
                           "gamma": 5.0, "zero_terminal_snr": False, "learn_sigma": False},
             "data": {"mode": "pixels", "image_size": 8, "vae": None, "scale_factor": None,
                      "class_names": [str(i) for i in range(10)]}, "step": 0}
-    torch.save({"model": state, "ema": state, "args": args}, tmp / "export.pt")
+    torch.save({"model": state, "ema": state, "args": args}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A builtin 8-px pixel store, two random exports (v target) and one with another target."""
+    tmp = tmp_path_factory.mktemp("experiments")
+    extract_latents.main(["--data", "builtin", "--num-images", "40", "--image-size", "8", "--vae", "none",
+                          "--out", str(tmp / "store")])
+    save_export(tmp / "export.pt", seed=0)
+    save_export(tmp / "other.pt", seed=1)
+    save_export(tmp / "eps.pt", seed=2, target="eps")
     return tmp
 
 
@@ -113,3 +132,37 @@ def test_cli_errors_are_one_line(files, tmp_path):
     assert "store not found" in error_of("--ckpt", str(files / "export.pt"), "--data", str(tmp_path / "nostore"))
     assert "exceeds the 40 images" in error_of("--ckpt", str(files / "export.pt"), "--data", str(files / "store"),
                                                 "--num-images", "41")
+
+
+SAMPLER = ["--sampler", "ddim", "--steps", "4", "--clip-denoised", "--num-samples", "7", "--batch-size", "4"]
+
+
+def sample_py(ckpt, out):
+    sample.main(sample.parse_args(["--ckpt", str(ckpt), *SAMPLER, "--cfg-scale", "1.0", "--out", str(out)]))
+    with np.load(out) as f:
+        return f["arr_0"], f["arr_1"]
+
+
+def swap(files, tau, out, high="export.pt", low="other.pt"):
+    swap_models.main(["--high", str(files / high), "--low", str(files / low), "--switch-t", str(tau),
+                      *SAMPLER, "--out", str(out)])
+    with np.load(out) as f:
+        return f["arr_0"], f["arr_1"]
+
+
+def test_swap_at_the_ends_reproduces_each_models_own_samples(files, tmp_path):
+    high_images, high_labels = sample_py(files / "export.pt", tmp_path / "high.npz")
+    low_images, _ = sample_py(files / "other.pt", tmp_path / "low.npz")
+    never, labels = swap(files, -1, tmp_path / "never.npz")
+    always, _ = swap(files, 999, tmp_path / "always.npz")
+    assert np.array_equal(never, high_images) and np.array_equal(labels, high_labels)
+    assert np.array_equal(always, low_images)
+    # DDIM-4 visits t = 999, 666, 333, 0: switching at 333 mixes the two and matches neither
+    mixed, _ = swap(files, 333, tmp_path / "mixed.npz")
+    assert not np.array_equal(mixed, high_images) and not np.array_equal(mixed, low_images)
+
+
+def test_swap_refuses_models_with_different_targets(files, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        swap(files, 100, tmp_path / "x.npz", low="eps.pt")
+    assert "differ in diffusion target" in str(e.value) and not (tmp_path / "x.npz").exists()
