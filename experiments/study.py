@@ -58,7 +58,8 @@ Two 1-thread processes side by side beat one 2-thread process: 1 thread took 0.0
   training   11 × (1000 steps × 0.93 s + 30 s)                    = 10 560 CPU-s
   evaluation 11 × 5 points × (250 × 0.19 + 250 × 0.18 + 2 × 8 s)   =  6 000 CPU-s
   reference  5000 images × 0.18 s                                  =    900 CPU-s
-  total 17 460 CPU-s / 2 cores ≈ 8 700 s ≈ 2 h 25 min (+ ≈ 20 % margin within 3 h).
+  held-out   11 × (256 images × 20 timesteps, forward only) ≈ 11 × 80 s =    900 CPU-s
+  total 18 360 CPU-s / 2 cores ≈ 9 200 s ≈ 2 h 35 min (+ ≈ 15 % margin within 3 h).
 A model this small trained for 32 000 images (0.64 epochs) makes blurry blobs with FID-250 in the
 100s: the study measures early convergence speed, which is what the paper's claim is about, not quality.
 """
