@@ -10,7 +10,6 @@ per sample and cast to the data dtype.
 import math
 
 import torch
-import torch.nn.functional as F
 
 WEIGHTINGS = ("const", "snr", "snr_plus_one", "max_snr", "min_snr", "soft_min_snr")
 TARGETS = ("eps", "x0", "v")
@@ -252,7 +251,7 @@ class GaussianDiffusion:
             return a * x_t - s * pred, s * x_t + a * pred
         raise ValueError(f"unknown target {target!r}; expected one of {TARGETS}")
 
-    def _split(self, out):
+    def split_output(self, out):
         """Model output → (prediction, variance interpolation or None). Learned σ doubles the channels."""
         if self.learn_sigma:
             return out.chunk(2, dim=1)
@@ -268,7 +267,7 @@ class GaussianDiffusion:
         Returns {"loss": scalar to backprop, "mse": [B] raw, "weighted": [B], "vb": [B] if learn_sigma};
         the per-sample terms are detached (for logging).
         """
-        pred, var_interp = self._split(model_output.float())
+        pred, var_interp = self.split_output(model_output.float())
         x0, noise = x0.float(), noise.float()
         mse = _mean_flat((self.target_of(x0, t, noise) - pred) ** 2)
         weighted = self._gather(self.loss_weights, t, mse) * mse
@@ -314,7 +313,7 @@ class GaussianDiffusion:
 
     def _predict(self, model_fn, x_t, t, clip_denoised):
         """Run the model at integer timesteps t → (x0, ε, variance interpolation or None)."""
-        pred, var_interp = self._split(model_fn(x_t, t))
+        pred, var_interp = self.split_output(model_fn(x_t, t))
         x0, eps = self.to_x0_eps(pred, x_t, t)
         if clip_denoised:
             # Pixels live in [-1, 1]; ε is re-derived so the step stays consistent with the clipped x0.

@@ -105,6 +105,12 @@ def load_model(args):
     return model, diffusion, vae, scale_factor
 
 
+def load_export(ckpt, weights="ema"):
+    """load_model for a checkpoint alone, every plain-state-dict flag at its default."""
+    return load_model(argparse.Namespace(ckpt=ckpt, weights=weights, model=None, image_size=None,
+                                         num_classes=None, learn_sigma=None, vae=None))
+
+
 def load_vae(vae_id, device):
     from diffusers.models import AutoencoderKL  # only latent models need diffusers
     try:

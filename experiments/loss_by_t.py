@@ -47,7 +47,7 @@ def x0_mse_by_t(model_fn, diffusion, x0, labels, timesteps, noise, batch_size):
             x0_b, eps_b = x0[start:start + batch_size], noise[start:start + batch_size]
             t = torch.full((len(x0_b),), int(step), dtype=torch.long, device=x0.device)
             x_t = diffusion.q_sample(x0_b, t, eps_b)
-            pred, _ = diffusion._split(model_fn(x_t, t, labels[start:start + batch_size]).float())
+            pred, _ = diffusion.split_output(model_fn(x_t, t, labels[start:start + batch_size]).float())
             x0_hat, _ = diffusion.to_x0_eps(pred, x_t, t)
             out[k, start:start + len(x0_b)] = ((x0_hat - x0_b) ** 2).flatten(1).mean(1).double().cpu()
     return out
@@ -82,11 +82,7 @@ def main(argv=None):
     if args.num_images < 1 or args.batch_size < 1:
         fail("--num-images and --batch-size must be at least 1")
 
-    if not Path(args.ckpt).is_file():
-        fail(f"checkpoint not found: {args.ckpt}")
-    load_args = argparse.Namespace(ckpt=args.ckpt, weights=args.weights, model=None, image_size=None,
-                                   num_classes=None, learn_sigma=None, vae=None)
-    model, diffusion, _, scale_factor = sample.load_model(load_args)
+    model, diffusion, _, scale_factor = sample.load_export(args.ckpt, args.weights)
     model = model.to(args.device).eval()
     try:
         store = open_store(args.data, mode="pixels" if scale_factor is None else "latents")

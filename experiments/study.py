@@ -90,13 +90,13 @@ RUNS = {
 }
 BASELINE = {"eps": "eps-snr", "x0": "x0-const", "v": "v-snr_plus_one"}
 HEADLINE = ("eps-snr", "eps-min_snr5")
-PAIRS = [("eps-snr", "eps-min_snr5"), ("x0-const", "x0-min_snr5"), ("v-snr_plus_one", "v-min_snr5")]
 
 SCALES = {
     # 2 CPU cores, 3 hours: see the module docstring for the arithmetic.
     "cpu": dict(model="DiT-Ti/4", steps=1000, batch=32, lr=1e-3, warmup=50, evals=5, num_samples=250,
                 sampler="ddim", sampler_steps=20, sample_batch=125, ref_per_class=500,
-                loss_images=256, loss_timesteps=20, seeds=[0, 1], other_seeds=[0], runs=list(RUNS), jobs=2, threads=1, nproc=1, device="cpu",
+                loss_images=256, loss_timesteps=20,
+                seeds=[0, 1], other_seeds=[0], runs=list(RUNS), jobs=2, threads=1, nproc=1, device="cpu",
                 precision="fp32"),
     # One GPU node (e.g. 1-8 GPUs; --set nproc=8). FID-10K every 5k steps against 50k train images.
     "gpu": dict(model="DiT-S/2", steps=40000, batch=128, lr=2e-4, warmup=1000, evals=8, num_samples=10000,

@@ -15,7 +15,6 @@ hybrid scores like --low, the steps at t ≤ τ decide the difference in FID.
 Pixel models, no guidance: the study's setting.
 """
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -48,10 +47,7 @@ class SwitchAtT(torch.nn.Module):
 
 
 def load(ckpt):
-    if not os.path.isfile(ckpt):
-        fail(f"checkpoint not found: {ckpt}")
-    model, diffusion, vae, _ = sample.load_model(argparse.Namespace(
-        ckpt=ckpt, weights="ema", model=None, image_size=None, num_classes=None, learn_sigma=None, vae=None))
+    model, diffusion, vae, _ = sample.load_export(ckpt)
     if vae is not None:
         fail(f"{ckpt} is a latent model; this experiment takes pixel models")
     return model.eval(), diffusion
