@@ -3,38 +3,37 @@
 Trains the same small class-conditional DiT on CIFAR-10 32×32 pixels under several loss weightings, with
 identical seeds, data order, noise and compute (train.py draws all of them from run.seed alone), samples
 every run at regular checkpoints with one fixed sampler and the same sample seeds (common random numbers),
-computes FID-N against CIFAR-10 train-set statistics, and writes a table, a plot and the paper's headline
+computes FID-N against CIFAR-10 train-set statistics, and writes a table, plots and the paper's headline
 figure: how many steps Min-SNR-5 needs to reach the baseline's final FID (a speed-up factor), per seed.
-It only calls the repository's own CLIs (extract_latents.py, train.py, sample.py, evaluate.py).
+It only calls the repository's own CLIs (extract_latents.py, train.py, sample.py, evaluate.py,
+experiments/loss_by_t.py). From the repository root:
 
-    python experiments/study.py                      # the CPU study: ~2.5 h on 2 cores, resumable
-    python experiments/study.py --report-only        # table + plot from whatever has finished
-    python experiments/study.py --scale gpu          # the real-scale version (one GPU node)
-    python experiments/study.py --scale toy          # a 5-minute end-to-end check of the pipeline
+    python -m experiments.study                    # the CPU study: ~2.5 h on 2 cores (docs/study.md), resumable
+    python -m experiments.study --report-only      # table + plots from whatever has finished
+    python -m experiments.study --scale gpu        # the real-scale version (one GPU node)
+    python -m experiments.study --scale toy        # a 5-minute end-to-end check of the pipeline
 
 Re-running the same command skips what is done: trainings resume (train.py), sample batches resume
 (sample.py), and an evaluation is skipped when its JSON (<out>/evals/<run>/step-XXXXXXX.json) exists.
-So the study can run in parts (Ctrl-C, or `timeout 3600 python experiments/study.py`, then again).
+So the study can run in parts (Ctrl-C, or `timeout 3600 python -m experiments.study`, then again).
 
-Runs (all: cosine schedule, T = 1000, no learned σ, same model/optimizer/batch/steps/seeds):
+Runs (all: cosine schedule, T = 1000, no learned σ, same model/optimizer/batch/steps/seeds), with the
+paper's weights w_x0 = 1, SNR, max(SNR,γ), min(SNR,γ), 1/(1/SNR+1/γ), plus SNR+1 (diffusion.loss_weight):
   ε-prediction   snr (= plain ε-MSE, the usual baseline), const (= x0-MSE), max_snr γ=1 (truncated SNR),
                  min_snr γ=5, soft_min_snr γ=5
   x0-prediction  const (= plain x0-MSE, the baseline) vs min_snr γ=5
-  v-prediction   snr_plus_one (w_x0 = SNR+1, i.e. plain v-MSE since ‖v−v̂‖² = (SNR+1)‖x0−x̂0‖², the
-                 baseline) vs min_snr γ=5. (`const` on v would be w_v = 1/(SNR+1): not a plain v-loss.)
-The weights are the paper's, w_x0 = 1, SNR, max(SNR,γ), min(SNR,γ), 1/(1/SNR+1/γ), plus SNR+1
-(diffusion.loss_weight).
+  v-prediction   snr_plus_one (plain v-MSE, since ‖v−v̂‖² = (SNR+1)‖x0−x̂0‖², the baseline) vs min_snr γ=5;
+                 `const` on v would weight the v-MSE by 1/(SNR+1), not a plain v-loss.
 
-Evaluation: DDIM, η = 0, clip x0 to [-1,1], guidance off (cfg 1.0): one deterministic sampler for every
-run, and no guidance scale to tune per strategy, so the FIDs compare the weightings and nothing else.
-Sample i always starts from the same noise with label i % 10 (sample.py), so every checkpoint of every
-run is judged on the same noise: FID differences are far less noisy than FID-N itself. FID-N is biased
-upwards at small N (REFERENCE.md §3): compare within this study only, never with published FID-50K.
-Reference: the first `ref_per_class` images of each class of the CIFAR-10 train split (class-balanced;
-the store is class-ordered so `--limit` would not be), statistics computed once with evaluate.py
---save-stats.
+Evaluation: DDIM, η = 0, x0 clipped to [-1,1], no guidance (cfg 1.0): one deterministic sampler for every
+run and no guidance scale to tune per weighting, so the FIDs compare the weightings and nothing else.
+Sample i always starts from the same noise with label i % 10 (sample.py), so every checkpoint of every run
+is judged on the same noise: FID differences are far less noisy than FID-N itself. FID-N is biased upwards
+at small N (docs/reference.md, section "FID"): compare within this study only, never with published
+FID-50K. Reference: the first `ref_per_class` images of each class of the CIFAR-10 train split (the store
+is class-ordered, so `--limit` would not be class-balanced), statistics from evaluate.py --save-stats once.
 
-Diagnostic: the final EMA weights of every run are also scored on held-out data, per noise level
+Diagnostic: the final EMA weights of every run are also scored per noise level on held-out data
 (experiments/loss_by_t.py: x0-MSE on `loss_images` CIFAR-10 test images at `loss_timesteps` timesteps, same
 images and noise for every run), to see where along the schedule a weighting helps or hurts:
 loss_by_t.png and a second table (ratio to the run's baseline in three SNR bands).
@@ -42,26 +41,9 @@ loss_by_t.png and a second table (ratio to the run's baseline in three SNR bands
 Headline (the paper's way): F = the baseline's FID at its final step S; s = the first step at which
 Min-SNR's FID curve reaches F, linearly interpolated between evaluated checkpoints; speed-up = S / s.
 If Min-SNR is already below F at its first checkpoint, the factor is a lower bound (≥ S / first step);
-if it never reaches F, the factor is below 1 and computed the other way round: (steps the baseline needs
-to reach Min-SNR's final FID) / S. Reported per seed (same seed = same data and noise in both runs),
-then mean and min–max over seeds.
-
-CPU budget (`--scale cpu`, 2 cores, measured on this machine with other jobs running, torch 2.14 CPU,
-single-threaded processes; CPU-seconds):
-  train   DiT-Ti/4 (7.4 M params, 64 tokens), batch 32:  0.029 s/image  → 0.93 s/step
-  sample  DDIM, batch 125:                               0.0094 s/image/step → 0.19 s/image at 20 steps
-  FID     TF Inception, 299 px:                          0.18 s/image (≈ 5.5 img/s per core)
-  each CLI start (torch import, model build):            ≈ 8 s
-Two 1-thread processes side by side beat one 2-thread process: 1 thread took 0.029 CPU-s/image/step,
-2 threads 0.062 (measured, training, same batch); so --jobs 2 --threads 1.
-  11 runs (ε snr & min_snr × seeds 0,1; the 7 other runs × seed 0)
-  training   11 × (1000 steps × 0.93 s + 30 s)                    = 10 560 CPU-s
-  evaluation 11 × 5 points × (250 × 0.19 + 250 × 0.18 + 2 × 8 s)   =  6 000 CPU-s
-  reference  5000 images × 0.18 s                                  =    900 CPU-s
-  held-out   11 × (256 images × 20 timesteps, forward only) ≈ 11 × 80 s =    900 CPU-s
-  total 18 360 CPU-s / 2 cores ≈ 9 200 s ≈ 2 h 35 min (+ ≈ 15 % margin within 3 h).
-A model this small trained for 32 000 images (0.64 epochs) makes blurry blobs with FID-250 in the
-100s: the study measures early convergence speed, which is what the paper's claim is about, not quality.
+if it never reaches F, the factor is below 1, computed the other way round: (steps the baseline needs to
+reach Min-SNR's final FID) / S. Reported per seed (same seed = same data and noise in both runs), then
+mean and min–max over seeds.
 """
 import argparse
 import json
@@ -92,7 +74,7 @@ BASELINE = {"eps": "eps-snr", "x0": "x0-const", "v": "v-snr_plus_one"}
 HEADLINE = ("eps-snr", "eps-min_snr5")
 
 SCALES = {
-    # 2 CPU cores, 3 hours: see the module docstring for the arithmetic.
+    # 2 CPU cores, 3 hours: the arithmetic is in docs/study.md.
     "cpu": dict(model="DiT-Ti/4", steps=1000, batch=32, lr=1e-3, warmup=50, evals=5, num_samples=250,
                 sampler="ddim", sampler_steps=20, sample_batch=125, ref_per_class=500,
                 loss_images=256, loss_timesteps=20,
