@@ -53,6 +53,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -146,7 +147,7 @@ class Study:
         self.ref_store = self.out / "ref" / f"cifar10-train-{cfg['ref_per_class']}pc"
         self.ref_stats = self.out / "ref" / f"cifar10-train-{cfg['ref_per_class']}pc-stats.npz"
         self.test_store = self.out / "ref" / "cifar10-test"
-        self.ref_ready = threading.Event()
+        self.stopping = threading.Event()
         self.lock = threading.Lock()
         self.failures = []
         self.eval_steps = [round(cfg["steps"] * (i + 1) / cfg["evals"]) for i in range(cfg["evals"])]
@@ -167,6 +168,8 @@ class Study:
 
     def call(self, name, cmd):
         """Run one CLI, its output to <out>/logs/<name>.log. True on success."""
+        if self.stopping.is_set():
+            return False
         logfile = self.out / "logs" / f"{name}.log"
         logfile.parent.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
@@ -221,18 +224,15 @@ class Study:
                 sys.exit("study.py: error: could not extract the held-out (test) data")
 
     def reference(self):
-        try:
-            if self.ref_stats.exists():
+        if self.ref_stats.exists():
+            return
+        if not (self.ref_store / "manifest.json").exists():
+            if not self.call("extract-ref", [sys.executable, ROOT / "extract_latents.py", "--data", self.args.archive,
+                                             "--split", "train", "--image-size", "32", "--vae", "none",
+                                             "--limit-per-class", self.cfg["ref_per_class"], "--out", self.ref_store]):
                 return
-            if not (self.ref_store / "manifest.json").exists():
-                if not self.call("extract-ref", [sys.executable, ROOT / "extract_latents.py", "--data", self.args.archive,
-                                                 "--split", "train", "--image-size", "32", "--vae", "none",
-                                                 "--limit-per-class", self.cfg["ref_per_class"], "--out", self.ref_store]):
-                    return
-            self.call("ref-stats", [sys.executable, ROOT / "evaluate.py", self.ref_store, "--save-stats", self.ref_stats,
-                                    "--device", self.cfg["device"], "--out", self.ref_stats.with_suffix(".json")])
-        finally:
-            self.ref_ready.set()
+        self.call("ref-stats", [sys.executable, ROOT / "evaluate.py", self.ref_store, "--save-stats", self.ref_stats,
+                                "--device", self.cfg["device"], "--out", self.ref_stats.with_suffix(".json")])
 
     def train(self, run, seed):
         """Returns True when the final export exists."""
@@ -253,7 +253,8 @@ class Study:
             cmd += ["--set", f"{k}={v}"]
         return self.call(f"train-{run}-s{seed}", cmd) and final.exists()
 
-    def evaluate(self, run, seed, step):
+    def evaluate(self, run, seed, step, ref):
+        """Sample one checkpoint, then its FID once `ref` (the reference statistics task) is done."""
         out_json = self.eval_json(run, seed, step)
         if out_json.exists():
             return
@@ -269,7 +270,7 @@ class Study:
                 cmd += ["--precision", "tf32"]
             if not self.call(f"sample-{run}-s{seed}-{step}", cmd):
                 return
-        self.ref_ready.wait()
+        ref.result()
         if not self.ref_stats.exists():
             return
         out_json.parent.mkdir(parents=True, exist_ok=True)
@@ -288,53 +289,41 @@ class Study:
                 return
         out_json.parent.mkdir(parents=True, exist_ok=True)
         self.call(f"loss_by_t-{run}-s{seed}", [
-            sys.executable, ROOT / "experiments" / "loss_by_t.py", "--ckpt", self.export(run, seed, c["steps"]),
+            sys.executable, "-m", "experiments.loss_by_t", "--ckpt", self.export(run, seed, c["steps"]),
             "--data", self.test_store, "--num-images", c["loss_images"], "--timesteps", c["loss_timesteps"],
             "--device", c["device"], "--out", out_json])
 
-    # -- scheduling: a pool of `jobs` workers; evaluations of a finished training go before new trainings
+    # -- scheduling: `jobs` (run, seed) tasks side by side, each training then evaluating its checkpoints
     def run_all(self):
         self.prepare_data()
-        pending = [("ref",)] + [("train", r, s) for r, s in self.run_names()]
-        cv = threading.Condition()
-        active = [0]
+        pool = ThreadPoolExecutor(max_workers=self.cfg["jobs"])
+        # The reference goes first, so it is running or done before any FID evaluation waits for it.
+        ref = pool.submit(self.guarded, "reference", self.reference)
+        for run, seed in self.run_names():
+            pool.submit(self.guarded, f"{run}-s{seed}", self.run_one, run, seed, ref)
+        try:
+            pool.shutdown(wait=True)
+        except KeyboardInterrupt:   # Ctrl-C reached the running CLIs too: start no further ones
+            self.stopping.set()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
 
-        def worker():
-            while True:
-                with cv:
-                    while not pending and active[0] > 0:
-                        cv.wait()
-                    if not pending:
-                        cv.notify_all()
-                        return
-                    task = pending.pop(0)
-                    active[0] += 1
-                try:
-                    if task[0] == "ref":
-                        self.reference()
-                    elif task[0] == "loss_by_t":
-                        self.loss_by_t(task[1], task[2])
-                    elif task[0] == "train":
-                        if self.train(task[1], task[2]):
-                            evals = [("eval", task[1], task[2], s) for s in self.eval_steps]
-                            evals.append(("loss_by_t", task[1], task[2]))
-                            with cv:
-                                pending[:0] = evals
-                    else:
-                        self.evaluate(*task[1:])
-                except Exception as e:  # keep the other tasks going
-                    log(f"FAILED {task}: {e!r}")
-                    self.failures.append(str(task))
-                finally:
-                    with cv:
-                        active[0] -= 1
-                        cv.notify_all()
+    def run_one(self, run, seed, ref):
+        """Train one run with one seed, then evaluate its checkpoints and its held-out loss."""
+        if not self.train(run, seed):
+            return
+        for step in self.eval_steps:
+            self.evaluate(run, seed, step, ref)
+        self.loss_by_t(run, seed)
 
-        threads = [threading.Thread(target=worker) for _ in range(self.cfg["jobs"])]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+    def guarded(self, name, task, *args):
+        """Run one task; an exception is recorded as a failure and leaves the other tasks running."""
+        try:
+            task(*args)
+        except Exception as e:
+            log(f"FAILED {name}: {e!r}")
+            with self.lock:
+                self.failures.append(name)
 
 
 # ----------------------------------------------------------------------------------------------------
