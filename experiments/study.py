@@ -143,7 +143,8 @@ class Study:
     def __init__(self, args, cfg):
         self.args, self.cfg = args, cfg
         self.out = Path(args.out).resolve()
-        self.data = (ROOT / args.data).resolve() if not os.path.isabs(args.data) else Path(args.data)
+        self.data = (ROOT / args.data).resolve()
+        self.archive = (ROOT / args.archive).resolve()
         self.ref_store = self.out / "ref" / f"cifar10-train-{cfg['ref_per_class']}pc"
         self.ref_stats = self.out / "ref" / f"cifar10-train-{cfg['ref_per_class']}pc-stats.npz"
         self.test_store = self.out / "ref" / "cifar10-test"
@@ -211,14 +212,18 @@ class Study:
 
     # -- tasks
     def prepare_data(self):
+        stores = [self.data, self.test_store] + ([] if self.ref_stats.exists() else [self.ref_store])
+        if not all((store / "manifest.json").exists() for store in stores) and not self.archive.exists():
+            sys.exit(f"study.py: error: {self.archive} not found: the data stores are made from this CIFAR-10 "
+                     f"archive (see --archive in --help)")
         if not (self.data / "manifest.json").exists():
             log(f"extracting the CIFAR-10 train split to {self.data}")
-            ok = self.call("extract-train", [sys.executable, ROOT / "extract_latents.py", "--data", self.args.archive,
+            ok = self.call("extract-train", [sys.executable, ROOT / "extract_latents.py", "--data", self.archive,
                                              "--split", "train", "--image-size", "32", "--vae", "none", "--out", self.data])
             if not ok:
                 sys.exit("study.py: error: could not extract the training data")
         if not (self.test_store / "manifest.json").exists():
-            ok = self.call("extract-test", [sys.executable, ROOT / "extract_latents.py", "--data", self.args.archive,
+            ok = self.call("extract-test", [sys.executable, ROOT / "extract_latents.py", "--data", self.archive,
                                             "--split", "test", "--image-size", "32", "--vae", "none", "--out", self.test_store])
             if not ok:
                 sys.exit("study.py: error: could not extract the held-out (test) data")
@@ -227,7 +232,7 @@ class Study:
         if self.ref_stats.exists():
             return
         if not (self.ref_store / "manifest.json").exists():
-            if not self.call("extract-ref", [sys.executable, ROOT / "extract_latents.py", "--data", self.args.archive,
+            if not self.call("extract-ref", [sys.executable, ROOT / "extract_latents.py", "--data", self.archive,
                                              "--split", "train", "--image-size", "32", "--vae", "none",
                                              "--limit-per-class", self.cfg["ref_per_class"], "--out", self.ref_store]):
                 return
@@ -583,9 +588,12 @@ def main(argv=None):
                    help='override a scale setting (JSON values), e.g. --set steps=2000 --set seeds=[0,1,2] '
                         '--set runs=["eps-snr","eps-min_snr5"] --set nproc=8 --set jobs=1')
     p.add_argument("--out", help="results folder (default results/study-<scale>)")
-    p.add_argument("--data", default="data/cifar10", help="CIFAR-10 train pixel store (made if missing)")
-    p.add_argument("--archive", default=str(ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"),
-                   help="CIFAR-10 archive (ImageNet folder layout) to make the stores from")
+    p.add_argument("--data", default="data/cifar10",
+                   help="CIFAR-10 train pixel store, made from --archive if missing (relative to the repository root)")
+    p.add_argument("--archive", default="data/cifar10-jpeg.tar.gz",
+                   help="CIFAR-10 as JPEG files in ImageNet folder layout (train/<class>/*.jpg, test/<class>/*.jpg), "
+                        "as an archive (.tar.gz, .tar, .zip) or a folder, relative to the repository root; the "
+                        "stores are made from it when missing (default: %(default)s)")
     p.add_argument("--report-only", action="store_true", help="write table and plot from finished evaluations")
     p.add_argument("--keep-exports", action="store_true", help="keep intermediate single-file exports")
     args = p.parse_args(argv)
