@@ -480,11 +480,10 @@ def report(study):
     summary["loss_by_t"] = {run: {str(s): v for s, v in per.items()} for run, per in losses.items()}
     (study.out / "table.md").write_text("\n".join(lines) + "\n")
     (study.out / "study.json").write_text(json.dumps(summary, indent=1))
-    plot(study, curves)
-    plot_losses(study, losses)
+    pngs = [path for path in (plot(study, curves), plot_losses(study, losses)) if path]
     print("\n".join(lines))
-    log(f"wrote {study.out / 'table.md'}, {study.out / 'fid_vs_steps.png'}, {study.out / 'loss_by_t.png'}, "
-        f"{study.out / 'study.json'}")
+    written = [study.out / "table.md", study.out / "study.json"] + pngs
+    log(f"wrote {', '.join(map(str, written))}" + ("" if pngs else " (no plots: nothing has finished yet)"))
 
 
 def panels(runs):
@@ -503,7 +502,7 @@ def run_style(run):
 
 
 def save_panels(path, runs, draw, title):
-    """One axis per panel of `runs`, each drawn by draw(ax, panel_runs), saved as a PNG."""
+    """One axis per panel of `runs`, each drawn by draw(ax, panel_runs), saved as the PNG `path` (returned)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -517,10 +516,15 @@ def save_panels(path, runs, draw, title):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return path
 
 
 def plot(study, curves):
-    """fid_vs_steps.png: FID against training steps, seed mean and min–max band."""
+    """fid_vs_steps.png: FID against training steps, seed mean and min–max band. Returns its path, or None
+    without any FID to plot."""
+    if not curves:
+        return None
+
     def draw(ax, runs):
         for run in runs:
             steps = sorted({s for curve in curves[run].values() for s, _ in curve})
@@ -537,17 +541,18 @@ def plot(study, curves):
         ax.grid(alpha=0.3)
 
     c = study.cfg
-    save_panels(study.out / "fid_vs_steps.png", list(curves), draw,
-                f"CIFAR-10 32×32, {c['model']}, batch {c['batch']}, {c['sampler'].upper()}-{c['sampler_steps']}, "
-                f"cfg 1.0; line = seed mean, band = min–max")
+    return save_panels(study.out / "fid_vs_steps.png", list(curves), draw,
+                       f"CIFAR-10 32×32, {c['model']}, batch {c['batch']}, {c['sampler'].upper()}-"
+                       f"{c['sampler_steps']}, cfg 1.0; line = seed mean, band = min–max")
 
 
 def plot_losses(study, losses):
-    """loss_by_t.png: each run's held-out x0-MSE over its baseline's, against the timestep."""
+    """loss_by_t.png: each run's held-out x0-MSE over its baseline's, against the timestep. Returns its path,
+    or None without any run-baseline pair to plot."""
     ratios = {run: loss_ratios(losses, run) for run in losses if run not in BASELINE.values()}
     ratios = {run: r for run, r in ratios.items() if r is not None}
     if not ratios:
-        return
+        return None
 
     def draw(ax, runs):
         for run in runs:
@@ -565,9 +570,9 @@ def plot_losses(study, losses):
         ax.grid(alpha=0.3, which="both")
 
     c = study.cfg
-    save_panels(study.out / "loss_by_t.png", list(ratios), draw,
-                f"CIFAR-10 test, {c['loss_images']} images × {c['loss_timesteps']} timesteps, final EMA weights "
-                f"after {c['steps']} steps\nbelow 1 = denoises better than its baseline")
+    return save_panels(study.out / "loss_by_t.png", list(ratios), draw,
+                       f"CIFAR-10 test, {c['loss_images']} images × {c['loss_timesteps']} timesteps, final EMA weights "
+                       f"after {c['steps']} steps\nbelow 1 = denoises better than its baseline")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,12 +1,8 @@
-"""experiments/study.py's headline arithmetic (the paper's speed-up) on hand-made FID curves."""
-import importlib.util
-from pathlib import Path
-
+"""experiments/study.py: the headline arithmetic (the paper's speed-up) on hand-made FID curves, and the
+report of a study with nothing finished."""
 import pytest
 
-spec = importlib.util.spec_from_file_location("study", Path(__file__).resolve().parent.parent / "experiments" / "study.py")
-study = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(study)
+from experiments import study
 
 BASE = [(100, 90.0), (200, 70.0), (300, 60.0), (400, 50.0)]   # final FID 50 at step 400
 
@@ -40,3 +36,9 @@ def test_slower_method_gives_factor_below_one():
     # the baseline below the method's final FID already at its first checkpoint: an upper bound
     r = study.speedup(BASE, [(100, 99.0), (200, 98.0), (300, 97.0), (400, 95.0)])
     assert r["bound"] == "<=" and r["factor"] == pytest.approx(100 / 400)
+
+
+def test_report_only_with_nothing_finished_writes_an_empty_table(tmp_path):
+    study.main(["--out", str(tmp_path), "--report-only"])
+    assert "speed-up **n/a**" in (tmp_path / "table.md").read_text()
+    assert not list(tmp_path.glob("*.png"))
