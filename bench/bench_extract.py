@@ -2,19 +2,17 @@
 --device cuda latent mode at 256 px through a VAE with the full sd-vae-ft-ema architecture (random
 weights built from its config: same compute as the real one, which cannot be downloaded here).
 
-  python bench/bench_extract.py                                  # pixel mode, CPU
-  python bench/bench_extract.py --device cuda --latent-per-class 500
+  python -m bench.bench_extract                                  # pixel mode, CPU
+  python -m bench.bench_extract --device cuda --latent-per-class 500
 """
 import argparse
 import os
-import sys
 import tempfile
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import extract_latents  # noqa: E402
+import extract_latents
 
 # AutoencoderKL config of stabilityai/sd-vae-ft-ema (8x downsampling, 4 latent channels, ~84M parameters).
 SD_VAE_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),

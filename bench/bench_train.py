@@ -1,7 +1,7 @@
 """Training throughput (images/s) and model FLOP utilisation of train.py's step, on synthetic data.
 
-    python bench/bench_train.py --models DiT-Ti/4 --input-size 32 --in-channels 3 --batch-size 32   # CPU
-    python bench/bench_train.py --models DiT-B/2 DiT-XL/2 --input-size 32 --in-channels 4 \\
+    python -m bench.bench_train --models DiT-Ti/4 --input-size 32 --in-channels 3 --batch-size 32   # CPU
+    python -m bench.bench_train --models DiT-B/2 DiT-XL/2 --input-size 32 --in-channels 4 \\
         --batch-size 64 --dtype bf16 --compile both --checkpointing both                      # one GPU
 
 The step is train.py's own (FSDP2 world of one, MixedPrecisionPolicy, AdamW, grad-norm, EMA update);
@@ -14,20 +14,18 @@ Linear, 2·weight·positions for convolutions, 4·T²·D per attention call (QK�
 so a checkpointed run shows a lower MFU for the same hardware work, as is the convention.
 """
 import argparse
+import copy
 import itertools
-import os
-import sys
 import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import train  # noqa: E402
-from diffusion import GaussianDiffusion  # noqa: E402
-from distributed import init_distributed  # noqa: E402
-from models import ALL_MODELS  # noqa: E402
+import train
+from diffusion import GaussianDiffusion
+from distributed import cleanup_distributed, init_distributed
+from models import ALL_MODELS
 
 
 def forward_flops_per_image(name, input_size, in_channels, learn_sigma):
@@ -85,7 +83,7 @@ def matmul_peak(device, dtype, n, repeats=10, rounds=3):
 
 def bench_one(args, world, name, compiled, checkpointing):
     """Seconds per training step of `name` with train.py's step (after warm-up) and peak memory."""
-    cfg = train.unflatten(dict(train.DEFAULTS_FLAT))
+    cfg = copy.deepcopy(train.DEFAULTS)
     cfg["model"].update(name=name, learn_sigma=args.learn_sigma, compile=compiled, gradient_checkpointing=checkpointing)
     cfg["train"]["precision"] = args.dtype
     margs = {"name": name, "input_size": args.input_size, "in_channels": args.in_channels, "num_classes": 1000,
@@ -164,7 +162,7 @@ def main(argv=None):
                                     f"ckpt {'on' if checkpointing else 'off'}",
                          "extra": f"MFU {achieved / peak:.0%} of {peak / 1e12:.2f} TFLOP/s {args.dtype} matmul, "
                                   f"{memory:.2f} GB"})
-    train.cleanup_distributed()
+    cleanup_distributed()
     return rows
 
 

@@ -28,5 +28,5 @@ step train_smoke 150 bash -c "python3 extract_latents.py --data builtin --num-im
     --set data.path=/tmp/gpu-builtin16 --set run.results_dir=/tmp/gpu-runs --set train.steps=40 \
     --set checkpoint.every=20 --set train.precision=bf16 --set model.compile=true"
 # Every benchmark (training MFU for DiT-B/2 and XL/2 with compile and checkpointing on/off, DiT-XL/2
-# DDPM-250 sampling, 256 px latent extraction, FID features vs pytorch-fid) in one table: bench/run_all.py.
-step bench_all 540 python3 bench/run_all.py --device cuda --out "$out/bench_all.json"
+# DDPM-250 sampling, 256 px latent extraction, FID features vs pytorch-fid) in one table: bench.run_all.
+step bench_all 540 python3 -m bench.run_all --device cuda --out "$out/bench_all.json"

@@ -2,8 +2,10 @@
 feature extraction images/s vs pytorch-fid, extraction images/s. Each benchmark's own output is printed
 as it runs; the table comes last, under a header line naming the date, machine, torch and commit.
 
-    python bench/run_all.py --device cpu [--quick]        # small models and few images (a few minutes)
-    python bench/run_all.py --device cuda --out bench.json  # the sizes of bench/gpu_checks.sh
+    python -m bench.run_all --device cpu [--quick]        # small models and few images (a few minutes)
+    python -m bench.run_all --device cuda --out bench.json  # the sizes of bench/gpu_checks.sh
+
+From the repository root, like every benchmark (python -m bench.<name>).
 
 A benchmark that fails becomes a row holding its one-line error; the others still run. On SIGTERM (e.g.
 `timeout`) the running benchmark is marked as interrupted and the table of what finished is printed.
@@ -16,12 +18,10 @@ import os
 import platform
 import signal
 import subprocess
-import sys
 import time
 import traceback
 
-BENCH = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(BENCH)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # (module, argv) per device; --quick swaps in the second list. CPU sizes follow the README's commands,
 # CUDA ones bench/gpu_checks.sh's former per-benchmark steps.
@@ -125,7 +125,6 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # bench_train picks CUDA whenever it sees one
-    sys.path[:0] = [BENCH, ROOT]
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -138,10 +137,10 @@ def main(argv=None):
         name = module.removeprefix("bench_")
         if args.only and name not in args.only:
             continue
-        print(f"\n=== {name}: python bench/{module}.py {bench_args}", flush=True)
+        print(f"\n=== {name}: python -m bench.{module} {bench_args}", flush=True)
         start, status = time.perf_counter(), "failed"
         try:
-            rows += importlib.import_module(module).main(bench_args.split())
+            rows += importlib.import_module(f"bench.{module}").main(bench_args.split())
             status = "ok"
         except (Exception, SystemExit) as exc:   # noqa: BLE001  a failing benchmark is a row, not the end
             traceback.print_exc()
