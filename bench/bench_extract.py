@@ -1,4 +1,4 @@
-"""Extraction throughput (images/s): pixel mode on CIFAR-10 read from the shared archive, and with
+"""Extraction throughput (images/s): pixel mode on CIFAR-10 read from its archive (--data), and with
 --device cuda latent mode at 256 px through a VAE with the full sd-vae-ft-ema architecture (random
 weights built from its config: same compute as the real one, which cannot be downloaded here).
 
@@ -29,14 +29,17 @@ def timed_extract(args):
 def main(argv=None):
     """Print the table; return its rows as dicts (benchmark, setting, figure, unit, extra)."""
     parser = argparse.ArgumentParser()
-    parser.add_argument("--data", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
-                                                       "cifar10-jpeg.tar.gz"))
+    parser.add_argument("--data", default="data/cifar10-jpeg.tar.gz",
+                        help="CIFAR-10 as JPEG files in ImageNet folder layout (train/<class>/*.jpg, test/<class>/*.jpg), "
+                             "as an archive (.tar.gz, .tar, .zip) or a folder (default: %(default)s, from the repository root)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda adds the latent-mode run")
     parser.add_argument("--pixel-per-class", type=int, default=1000, help="CIFAR-10 train images per class, pixel mode")
     parser.add_argument("--latent-per-class", type=int, default=200, help="images per class, latent mode at 256 px")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1))
     args = parser.parse_args(argv)
+    if not os.path.exists(args.data):
+        raise SystemExit(f"bench_extract: {args.data} not found: CIFAR-10 JPEGs are needed (see --data in --help)")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no GPU visible")
     rows = []

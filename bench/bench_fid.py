@@ -55,11 +55,15 @@ def timed(cmd, env=None):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=os.path.join(ROOT, "..", "shared", "data", "cifar10-jpeg.tar.gz"))
+    parser.add_argument("--data", default="data/cifar10-jpeg.tar.gz",
+                        help="CIFAR-10 as JPEG files in ImageNet folder layout (train/<class>/*.jpg, test/<class>/*.jpg), "
+                             "as a .tar.gz archive (default: %(default)s, from the repository root)")
     parser.add_argument("--num-images", type=int, default=100, help="images per folder (train and test)")
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
+    if not os.path.exists(args.data):
+        raise SystemExit(f"bench_fid: {args.data} not found: CIFAR-10 JPEGs are needed (see --data in --help)")
     with tempfile.TemporaryDirectory(prefix="bench_fid_") as work:   # ~100 MB of images and weights
         return compare(args, work)
 
