@@ -1,6 +1,7 @@
 """Tests of diffusion.py: weights against their closed forms, schedules, the loss reduction, the VB
 term, and the samplers against a Gaussian data distribution whose optimal denoiser is known exactly."""
 import math
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -215,6 +216,82 @@ def test_learned_sigma_vb():
     want = 0.5 * (-1 + torch.log(beta / var) + var / beta) / math.log(2)
     torch.testing.assert_close(vb[t > 0].double(), want[t > 0], rtol=1e-4, atol=1e-6)
 
+
+
+def tanh_approx_decoder_log_likelihood(x, mean, log_scale):
+    """The t = 0 decoder log-likelihood as DiT and guided-diffusion compute it, written from the formula:
+    the normal CDF is replaced by its tanh approximation Φ(z) ≈ ½(1 + tanh(√(2/π)(z + 0.044715 z³))) and
+    every probability (the two open end bins and the inner bins) is floored at 1e-12 before the log."""
+    def approx_cdf(z):
+        return 0.5 * (1 + torch.tanh(math.sqrt(2 / math.pi) * (z + 0.044715 * z ** 3)))
+    inv_std = torch.exp(-log_scale)
+    cdf_upper = approx_cdf(inv_std * (x - mean + 1 / 255))
+    cdf_lower = approx_cdf(inv_std * (x - mean - 1 / 255))
+    floor = lambda p: torch.log(p.clamp(min=1e-12))
+    return torch.where(x < -0.999, floor(cdf_upper),
+                       torch.where(x > 0.999, floor(1 - cdf_lower), floor(cdf_upper - cdf_lower)))
+
+
+def decoder_case(max_offset, min_offset=0.0, batch=32, seed=0):
+    """x0: every uint8 level once per sample (1×16×16, so 2 of 256 pixels sit in the open end bins);
+    model mean = x0 ± an offset drawn uniformly from [min_offset, max_offset]; variance interpolation
+    uniform in [-1, 1] (the t = 0 range [β̃_1, β_0]). Returns (model output of an x0-predicting
+    learned-σ model, x0)."""
+    g = torch.Generator().manual_seed(seed)
+    levels = torch.stack([torch.randperm(256, generator=g) for _ in range(batch)]).view(batch, 1, 16, 16)
+    x0 = levels.float() / 127.5 - 1
+    sign = torch.randint(0, 2, x0.shape, generator=g).float() * 2 - 1
+    offset = sign * (min_offset + (max_offset - min_offset) * torch.rand(x0.shape, generator=g))
+    var_interp = torch.rand(x0.shape, generator=g) * 2 - 1
+    return torch.cat([x0 + offset, var_interp], 1), x0
+
+
+def vb_with_decoder(out, x0, t, decoder=None):
+    """training_losses' "vb" of an x0-predicting learned-σ model on the linear schedule, with the t = 0
+    decoder log-likelihood optionally replaced by `decoder` (same signature as diffusion's)."""
+    import diffusion
+
+    d = GaussianDiffusion("linear", target="x0", learn_sigma=True)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(9))
+    if decoder is None:
+        return d.training_losses(out, x0, t, noise)["vb"]
+    with mock.patch.object(diffusion, "_discretized_gaussian_log_likelihood", decoder):
+        return d.training_losses(out, x0, t, noise)["vb"]
+
+
+def decoder_differences():
+    """{case: (DiT's t = 0 VB − ours) per sample, bits/dim} for the good and the poor prediction."""
+    diffs = {}
+    for name, case in (("good", decoder_case(1 / 255)), ("poor", decoder_case(0.5, min_offset=0.1))):
+        t0 = torch.zeros(len(case[1]), dtype=torch.long)
+        diffs[name] = vb_with_decoder(*case, t0, tanh_approx_decoder_log_likelihood) - vb_with_decoder(*case, t0)
+    return diffs
+
+
+def test_vb_decoder_exact_cdf_vs_dit_tanh_approximation():
+    """Our t = 0 decoder NLL uses the exact normal CDF; DiT's uses the tanh approximation with a 1e-12
+    floor (docs/reference.md §2). (a) For t > 0 the VB term is a Gaussian KL and does not touch the
+    decoder. (b) At t = 0 the two differ, by amounts measured with this test's cases (float32, bits/dim
+    = per-sample mean over 256 pixels; DiT's value minus ours, printed by the one-liner in
+    docs/reference.md §2):
+      good prediction (mean within ±1/255 of x0): +3.4e-4 .. +3.8e-4 per sample (ours lower);
+      poor prediction (mean off by 0.1 .. 0.5): −4.4 on the batch mean, down to −14.0 in one sample
+      (ours higher) — all of it from the two open end bins, where the exact log-CDF lies far below
+      log 1e-12; both floor the inner bins, which the mean misses by more than 9 σ, at 1e-12."""
+    # (a) a decoder that returns NaN changes t = 0 only.
+    out, x0 = decoder_case(1 / 255, batch=6)
+    t = torch.tensor([0, 1, 5, 50, 300, 999])
+    exact = vb_with_decoder(out, x0, t)
+    broken = vb_with_decoder(out, x0, t, lambda x, mean, log_scale: torch.full_like(x, math.nan))
+    assert torch.isnan(broken[0]) and torch.equal(broken[1:], exact[1:])
+    assert 1.4 < exact[0] < 1.7  # the decoder NLL itself, for scale
+
+    # (b) t = 0, same mean and variance, exact CDF vs DiT's approximation: close, but never identical.
+    diffs = decoder_differences()
+    assert (diffs["good"] > 1e-4).all() and (diffs["good"] < 8e-4).all()   # measured 3.4e-4 .. 3.8e-4
+    poor = -diffs["poor"]
+    assert 2.0 < poor.mean() < 9.0 and poor.max() < 28.0                  # measured 4.4 and 14.0
+    assert (poor >= 0).all()  # in this case the floor only ever raises DiT's likelihood
 
 def test_vb_does_not_train_the_mean():
     g = torch.Generator().manual_seed(5)
