@@ -2,7 +2,7 @@
 loss weighting, the training loss (optionally with DiT's learned-σ VB term) and three samplers
 (ancestral DDPM and DDIM over a respaced grid, EDM's second-order Heun over the discrete model).
 
-Notation (REFERENCE.md §1): ᾱ_t = alphas_cumprod[t], α_t = sqrt(ᾱ_t), σ_t = sqrt(1 − ᾱ_t),
+Notation (docs/reference.md §1): ᾱ_t = alphas_cumprod[t], α_t = sqrt(ᾱ_t), σ_t = sqrt(1 − ᾱ_t),
 x_t = α_t·x0 + σ_t·ε, SNR(t) = ᾱ_t / (1 − ᾱ_t), v = α_t·ε − σ_t·x0.
 All tables are float64 on the CPU (copied once to each device that uses them); coefficients are gathered
 per sample and cast to the data dtype.
@@ -65,7 +65,7 @@ def respace_timesteps(num_timesteps, steps):
 # Loss weighting
 
 def loss_weight(snr, weighting, target, gamma=5.0):
-    """Weight multiplying the per-sample MSE of `target` (REFERENCE.md §1).
+    """Weight multiplying the per-sample MSE of `target` (docs/reference.md §1).
 
     Defined on x0-space as in the paper (w = 1, SNR, SNR + 1, max(SNR, γ), min(SNR, γ),
     1/(1/SNR + 1/γ)) and converted: ε-MSE weight = w/SNR, v-MSE weight = w/(SNR + 1), x0-MSE weight

@@ -74,7 +74,7 @@ def test_unknown_names_raise():
 
 @pytest.mark.parametrize("weighting", WEIGHTINGS)
 def test_weighted_losses_agree_across_targets(weighting):
-    """ε-MSE·w/SNR = x0-MSE·w and v-MSE·w/(SNR+1) = x0-MSE·w for any prediction (REFERENCE.md §1)."""
+    """ε-MSE·w/SNR = x0-MSE·w and v-MSE·w/(SNR+1) = x0-MSE·w for any prediction (docs/reference.md §1)."""
     g = torch.Generator().manual_seed(0)
     d = GaussianDiffusion("cosine", target="eps", weighting=weighting)
     x0, noise, t = torch.randn(64, 3, 4, 4, generator=g, dtype=torch.float64), \
@@ -124,7 +124,7 @@ def test_cosine_schedule():
     ab = d.alphas_cumprod
     assert (ab[1:] < ab[:-1]).all() and ab[0] > 0.9999 and 0 < ab[-1] < 1e-8
     assert d.betas.max().item() == pytest.approx(0.999)  # the clip is active at the end
-    # SNR spans ≈2.4e4 .. 2.4e-9 (REFERENCE.md §1).
+    # SNR spans ≈2.4e4 .. 2.4e-9 (docs/reference.md §1).
     assert 2e4 < d.snr[0] < 3e4 and 1e-9 < d.snr[-1] < 5e-9
 
 
