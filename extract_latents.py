@@ -17,18 +17,15 @@ The output does not depend on the number of processes, and a re-run resumes: sha
 written are checked and skipped.
 
   python extract_latents.py --data builtin --num-images 20000 --image-size 32 --vae none --out data/builtin32
-  python extract_latents.py --data ../shared/data/cifar10-jpeg.tar.gz --split train --image-size 32 \\
+  python extract_latents.py --data data/cifar10-jpeg.tar.gz --split train --image-size 32 \\
       --vae none --flip --out data/cifar10-train
   torchrun --nproc-per-node=8 extract_latents.py --data /data/imagenet/train --image-size 256 \\
       --vae stabilityai/sd-vae-ft-ema --flip --out data/in256-latents
 """
 import argparse
 import bz2
-import errno
 import gzip
 import hashlib
-import io
-import json
 import lzma
 import math
 import os
@@ -37,41 +34,20 @@ import time
 import zipfile
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from distributed import atomic_write, cleanup_distributed, init_distributed
-from store import FORMAT, SD_VAE_SCALE_FACTOR, VERSION, combined_checksum, sha256_file, uint8_to_model
+from distributed import cleanup_distributed, init_distributed
+from store import (IMAGE_EXTENSIONS, SD_VAE_SCALE_FACTOR, StoreError, encode_posterior, load_vae, open_rgb,
+                   shard_finished, write_manifest, write_shard)
 
 TOOL_VERSION = "extract_latents 1.0"
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".jfif"}
-
-
-class BadImage(Exception):
-    """One input file that cannot be used; the message names the file."""
 
 
 #################################################################################
 #                               Preprocessing                                   #
 #################################################################################
-
-def to_rgb(img):
-    """Any PIL mode -> RGB. Transparent pixels are composited on white (a plain convert would keep
-    whatever colour hides under alpha 0, often black); 16-bit grey is scaled, not clipped."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16-bit PNGs open as mode I;16 / I with values 0..65535; convert("L") would clip them at 255.
-        arr = np.asarray(img, dtype=np.float64) / 257.0
-        img = Image.fromarray(np.clip(np.round(arr), 0, 255).astype(np.uint8), "L")
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA"):
-        img = img.convert("RGBA")
-        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, img)
-    return img.convert("RGB")
-
 
 def center_crop_arr(img, image_size):
     """ADM / DiT preprocessing: halve with a box filter while the short side is at least twice the
@@ -88,14 +64,8 @@ def center_crop_arr(img, image_size):
 
 
 def decode_image(data, name, image_size):
-    try:
-        img = Image.open(io.BytesIO(data))
-        img.load()  # decode now: a truncated file fails here, not later
-        return center_crop_arr(to_rgb(img), image_size)
-    except Image.UnidentifiedImageError:
-        raise BadImage(f"{name}: not an image PIL can read") from None
-    except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError...
-        raise BadImage(f"{name}: cannot decode image ({e})") from None
+    """Image file bytes -> uint8 [S, S, 3] (store.open_rgb, then center_crop_arr); StoreError if unreadable."""
+    return center_crop_arr(open_rgb(data, name), image_size)
 
 
 #################################################################################
@@ -341,16 +311,14 @@ class FileSource:
         self._handle.seek(offset)
         data = self._handle.read(size)
         if len(data) != size:
-            raise BadImage(f"{self.describe(name)}: archive ends inside this member")
+            raise StoreError(f"{self.describe(name)}: archive ends inside this member")
         return data
 
     def load(self, i, image_size):
         try:
             data = self.read(i)
-        except BadImage:
-            raise
         except (OSError, EOFError, zipfile.BadZipFile) as e:
-            raise BadImage(f"{self.describe(self.items[i][1])}: cannot read ({e})") from None
+            raise StoreError(f"{self.describe(self.items[i][1])}: cannot read ({e})") from None
         return decode_image(data, self.describe(self.items[i][1]), image_size), self.items[i][0]
 
     def listing_sha256(self):
@@ -390,7 +358,7 @@ class ItemDataset(Dataset):
         try:
             image, label = self.source.load(i, self.image_size)
             return i, image, label, None
-        except BadImage as e:
+        except StoreError as e:
             return i, None, -1, str(e)
 
 
@@ -401,109 +369,6 @@ def collate(items):
     images = np.stack([img for _, img, _ in good]) if good else None
     labels = np.array([lab for _, _, lab in good], dtype=np.int64)
     return [i for i, _, _ in good], images, labels, bad
-
-
-#################################################################################
-#                                    VAE                                        #
-#################################################################################
-
-def load_vae(name, device):
-    # diffusers is imported only in latent mode: pixel extraction should not pay its import time.
-    from diffusers import AutoencoderKL
-
-    how = (f"download it where there is network (e.g. `huggingface-cli download {name} --local-dir "
-           f"{os.path.basename(name.rstrip('/'))}`) and pass --vae <that folder>")
-    looks_like_path = os.path.isabs(name) or name.startswith(("./", "../", "~")) or name.count("/") > 1
-    try:
-        if os.path.isdir(os.path.expanduser(name)):
-            vae = AutoencoderKL.from_pretrained(os.path.expanduser(name))
-        elif looks_like_path or os.path.exists(name):
-            raise SystemExit(f"VAE folder not found: {name} (a local diffusers AutoencoderKL folder with "
-                             f"config.json and weights, or a Hugging Face hub id)")
-        else:
-            try:  # the local Hugging Face cache first: no network needed when the VAE was fetched before
-                vae = AutoencoderKL.from_pretrained(name, local_files_only=True)
-            except Exception:
-                if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-                    raise
-                vae = AutoencoderKL.from_pretrained(name)
-    except SystemExit:
-        raise
-    except Exception as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SystemExit(f"cannot load VAE {name!r} ({reason[:200]}): {how}") from None
-    # fp32 on purpose: bf16 changes the stored latents; the encode is a one-off cost.
-    return vae.to(device).eval().requires_grad_(False)
-
-
-@torch.inference_mode()
-def encode(vae, images, flip, device):
-    """uint8 [b, S, S, 3] -> posterior mean and std, float32 [b, C, h, w] (or [b, 2, C, h, w] with flip)."""
-    x = uint8_to_model(torch.from_numpy(images).to(device))  # copy uint8 (4x fewer bytes), convert there
-    if flip:
-        x = torch.cat([x, x.flip(3)])  # one batch of 2b: originals then their mirror images
-    posterior = vae.encode(x).latent_dist
-    mean, std = posterior.mean.float().cpu(), posterior.std.float().cpu()
-    if flip:
-        b = images.shape[0]
-        mean = torch.stack([mean[:b], mean[b:]], dim=1)  # [b, 2, C, h, w]
-        std = torch.stack([std[:b], std[b:]], dim=1)
-    return mean.numpy(), std.numpy()
-
-
-#################################################################################
-#                                   Shards                                      #
-#################################################################################
-
-def shard_stem(start, end):
-    return f"{start:08d}-{end:08d}"
-
-
-def shard_finished(out, start, end, config):
-    """A shard is finished when its record (written last) exists and every array it lists loads with
-    the recorded row count. Temp files (*.tmp.<pid>) are never looked at."""
-    meta_path = os.path.join(out, shard_stem(start, end) + ".json")
-    if not os.path.exists(meta_path):
-        return None
-    with open(meta_path) as f:
-        meta = json.load(f)
-    if meta["config"] != config:
-        changed = sorted(k for k in config if meta["config"].get(k) != config[k])
-        raise SystemExit(f"{out} holds shards of a different extraction (changed: {', '.join(changed)}): "
-                         f"use another --out or delete it")
-    for name in meta["files"].values():
-        try:
-            arr = np.load(os.path.join(out, name), mmap_mode="r")
-        except (OSError, ValueError, EOFError):
-            return None
-        if arr.shape[0] != meta["count"]:
-            return None
-    return meta
-
-
-def write_shard(out, start, end, arrays, config, skipped, scale_factor):
-    stem = shard_stem(start, end)
-    files, hashes = {}, {}
-    for kind, arr in arrays.items():
-        files[kind] = f"{stem}.{kind}.npy"
-        path = os.path.join(out, files[kind])
-        safe_write(path, lambda f, a=arr: np.save(f, a))
-        hashes[kind] = sha256_file(path)
-    meta = {"config": config, "start": start, "end": end, "count": int(arrays["labels"].shape[0]),
-            "files": files, "sha256": hashes, "skipped": skipped, "scale_factor": scale_factor}
-    # The record goes last: until it exists the shard counts as unfinished and is redone on resume.
-    safe_write(os.path.join(out, stem + ".json"), lambda f: f.write(json.dumps(meta, indent=1).encode()))
-    return meta
-
-
-def safe_write(path, write):
-    try:
-        atomic_write(path, write)
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise SystemExit(f"disk full while writing {path}: free space and re-run the same command "
-                             f"(finished shards are kept and skipped)") from None
-        raise SystemExit(f"cannot write {path}: {e.strerror or e}") from None
 
 
 #################################################################################
@@ -528,25 +393,35 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.image_size <= 0 or args.shard_size <= 0 or args.batch_size <= 0:
         raise SystemExit("--image-size, --shard-size and --batch-size must be positive")
-    latents = args.vae.lower() != "none"
+    try:
+        extract(args)
+    except StoreError as e:  # a bad image, a full disk, a VAE that cannot be loaded: one line
+        raise SystemExit(str(e)) from None
+    finally:
+        cleanup_distributed()
 
+
+def extract(args):
+    latents = args.vae.lower() != "none"
     world = init_distributed()
     if args.data == "builtin":
         source = BuiltinSource(args.num_images, args.seed)
+        source_info = {"data": "builtin", "num_images": args.num_images, "seed": args.seed}
     else:
         source = FileSource(args.data, args.split, args.limit_per_class, args.skip_bad)
+        source_info = {"data": args.data, "split": args.split or None, "limit_per_class": args.limit_per_class}
     n = len(source)
     # Everything the shard contents depend on; a resumed run must match it exactly.
-    config = {"mode": "latents" if latents else "pixels", "image_size": args.image_size, "flip": args.flip,
-              "vae": args.vae if latents else None, "shard_size": args.shard_size,
-              "listing_sha256": source.listing_sha256(), "skip_bad": args.skip_bad}
+    extraction = {"mode": "latents" if latents else "pixels", "image_size": args.image_size, "flip": args.flip,
+                  "vae": args.vae if latents else None, "shard_size": args.shard_size,
+                  "listing_sha256": source.listing_sha256(), "skip_bad": args.skip_bad}
     os.makedirs(args.out, exist_ok=True)
 
     # Shards are fixed ranges of the global index; rank r takes a contiguous block of them.
     shards = [(s, min(s + args.shard_size, n)) for s in range(0, n, args.shard_size)]
     k = len(shards)
     mine = shards[world.rank * k // world.world_size:(world.rank + 1) * k // world.world_size]
-    todo = [sh for sh in mine if shard_finished(args.out, *sh, config) is None]
+    todo = [sh for sh in mine if shard_finished(args.out, *sh, extraction) is None]
 
     vae, scale_factor = None, None
     if latents and todo:
@@ -578,7 +453,7 @@ def main(argv=None):
                 skipped.append({"file": source.items[i][1], "reason": err})
             if images is not None:
                 if latents:
-                    parts.append(encode(vae, images, args.flip, world.device))
+                    parts.append(encode_posterior(vae, images, args.flip, world.device))
                 else:
                     parts.append(np.stack([images, images[:, :, ::-1]], axis=1) if args.flip else images)
                 labels.append(batch_labels)
@@ -591,7 +466,7 @@ def main(argv=None):
         else:
             arrays = {"images": np.concatenate(parts)}
         arrays["labels"] = np.concatenate(labels)
-        write_shard(args.out, start, end, arrays, config, skipped, scale_factor)
+        write_shard(args.out, start, end, arrays, extraction, skipped, scale_factor)
     bar.close()
 
     if world.is_main:
@@ -600,40 +475,17 @@ def main(argv=None):
         metas, waiting_since = {}, time.time()
         while len(metas) < k:
             for sh in shards:
-                if sh not in metas and (meta := shard_finished(args.out, *sh, config)) is not None:
+                if sh not in metas and (meta := shard_finished(args.out, *sh, extraction)) is not None:
                     metas[sh] = meta
             if len(metas) < k:
                 if time.time() - waiting_since > 10:
                     print(f"waiting for other ranks: {len(metas)}/{k} shards done", flush=True)
                     waiting_since = time.time()
                 time.sleep(1.0)
-        write_manifest(args, source, config, [metas[sh] for sh in shards])
-    cleanup_distributed()
-
-
-def write_manifest(args, source, config, metas):
-    first = np.load(os.path.join(args.out, metas[0]["files"]["mean" if config["mode"] == "latents" else "images"]),
-                    mmap_mode="r")
-    item = list(first.shape[2:] if args.flip else first.shape[1:])
-    shape = [item[2], item[0], item[1]] if config["mode"] == "pixels" else item  # the model's [C, H, W]
-    shards = [{k: m[k] for k in ("start", "end", "count", "files", "sha256")} for m in metas]
-    source_info = {"data": args.data, "split": args.split or None, "limit_per_class": args.limit_per_class}
-    if args.data == "builtin":
-        source_info = {"data": "builtin", "num_images": args.num_images, "seed": args.seed}
-    manifest = {
-        "format": FORMAT, "version": VERSION, "mode": config["mode"],
-        "count": sum(m["count"] for m in metas), "image_size": args.image_size, "shape": shape,
-        "dtype": str(first.dtype), "flip": args.flip,
-        "num_classes": len(source.class_names), "class_names": source.class_names,
-        "vae": config["vae"], "scale_factor": metas[0]["scale_factor"],
-        "skipped": source.skipped + [s for m in metas for s in m["skipped"]],
-        "checksum": combined_checksum(shards), "tool_version": TOOL_VERSION,
-        "source": source_info, "extraction": config, "shards": shards,
-    }
-    path = os.path.join(args.out, "manifest.json")
-    safe_write(path, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
-    print(f"wrote {manifest['count']} items ({config['mode']}, {shape}) to {args.out}"
-          + (f"; skipped {len(manifest['skipped'])} (listed in manifest.json)" if manifest["skipped"] else ""))
+        manifest = write_manifest(args.out, [metas[sh] for sh in shards], extraction, class_names=source.class_names,
+                                  skipped=source.skipped, source=source_info, tool=TOOL_VERSION)
+        print(f"wrote {manifest['count']} items ({manifest['mode']}, {manifest['shape']}) to {args.out}"
+              + (f"; skipped {len(manifest['skipped'])} (listed in manifest.json)" if manifest["skipped"] else ""))
 
 
 if __name__ == "__main__":

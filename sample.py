@@ -25,141 +25,16 @@ import zipfile
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
-from diffusion import GaussianDiffusion, guided_model_fn
+from diffusion import generate
 from distributed import atomic_write, barrier, cleanup_distributed, init_distributed
-from models import ALL_MODELS
-from store import SD_VAE_SCALE_FACTOR, model_to_uint8
-
-# Settings of the official DiT checkpoints (plain state dicts carry none of their own).
-DIT_DEFAULTS = {"model": "DiT-XL/2", "image_size": 256, "num_classes": 1000, "learn_sigma": True,
-                "vae": "stabilityai/sd-vae-ft-ema"}
+from export import DIT_DEFAULTS, ExportError, load_export
+from store import StoreError, load_vae, model_to_images, save_grid
 
 
 def fail(message):
     sys.exit(f"sample.py: error: {message}")
-
-
-def load_model(args):
-    """Build the model and diffusion a checkpoint needs. Returns (model, diffusion, vae id or None,
-    latent scale factor or None)."""
-    if not os.path.isfile(args.ckpt):
-        fail(f"checkpoint not found: {args.ckpt}")
-    try:
-        ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=True)
-    except Exception as e:  # weights_only refuses pickled objects such as DiT's argparse.Namespace
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        fail(f"cannot load {args.ckpt} with torch.load(weights_only=True) ({reason}); a DiT training "
-             f"checkpoint pickles its args: save its 'ema' state dict alone and pass that")
-
-    plain_flags = {k: getattr(args, k) for k in ("model", "image_size", "num_classes", "learn_sigma")}
-    if isinstance(ckpt, dict) and {"model", "ema", "args"} <= ckpt.keys():
-        # Our export (train.py): everything is recorded in its args.
-        given = [k for k, v in plain_flags.items() if v is not None]
-        if given:
-            fail(f"--{given[0].replace('_', '-')} is for plain state dicts; {args.ckpt} records it in its args")
-        a = ckpt["args"]
-        model_kwargs = {k: v for k, v in a["model"].items() if k != "name"}
-        name, state = a["model"]["name"], ckpt[args.weights]
-        diffusion = GaussianDiffusion(**a["diffusion"])
-        vae, scale_factor = None, None
-        if a["data"]["mode"] == "latents":
-            vae, scale_factor = args.vae or a["data"]["vae"], a["data"]["scale_factor"]
-            if vae is None:
-                fail(f"{args.ckpt} is a latent model but records no VAE; pass --vae")
-    elif isinstance(ckpt, dict) and ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
-        # An official DiT file: a latent model on the SD VAE, linear schedule, eps target.
-        flags = {k: DIT_DEFAULTS[k] if v is None else v for k, v in plain_flags.items()}
-        if flags["image_size"] % 8:
-            fail(f"--image-size must be a multiple of 8 (the VAE downsamples by 8), got {flags['image_size']}")
-        name, state = flags["model"], ckpt
-        model_kwargs = {"input_size": flags["image_size"] // 8, "in_channels": 4,
-                        "num_classes": flags["num_classes"], "learn_sigma": flags["learn_sigma"],
-                        "class_dropout_prob": 0.1}  # > 0 so the table has DiT's extra null-label row
-        diffusion = GaussianDiffusion(schedule="linear", target="eps", learn_sigma=flags["learn_sigma"])
-        vae, scale_factor = args.vae or DIT_DEFAULTS["vae"], SD_VAE_SCALE_FACTOR
-    else:
-        fail(f"{args.ckpt} is neither an exported checkpoint ({{'model', 'ema', 'args'}}) nor a plain state dict")
-
-    if name not in ALL_MODELS:
-        fail(f"unknown model {name!r}; choose from {', '.join(ALL_MODELS)}")
-    model = ALL_MODELS[name](**model_kwargs)
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    mismatched = [k for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or mismatched:
-        problems = []
-        if missing:
-            problems.append(f"{len(missing)} missing keys (first {missing[0]!r})")
-        if unexpected:
-            problems.append(f"{len(unexpected)} unexpected keys (first {unexpected[0]!r})")
-        if mismatched:
-            k = mismatched[0]
-            problems.append(f"{len(mismatched)} shape mismatches (first {k!r}: checkpoint "
-                            f"{list(state[k].shape)} vs model {list(own[k].shape)})")
-        fail(f"{args.ckpt} does not fit {name} {model_kwargs}: {'; '.join(problems)}")
-    model.load_state_dict(state)
-    return model, diffusion, vae, scale_factor
-
-
-def load_export(ckpt, weights="ema"):
-    """load_model for a checkpoint alone, every plain-state-dict flag at its default."""
-    return load_model(argparse.Namespace(ckpt=ckpt, weights=weights, model=None, image_size=None,
-                                         num_classes=None, learn_sigma=None, vae=None))
-
-
-def load_vae(vae_id, device):
-    from diffusers.models import AutoencoderKL  # only latent models need diffusers
-    try:
-        return AutoencoderKL.from_pretrained(vae_id).to(device).eval()
-    except Exception as e:
-        fail(f"cannot load the VAE {vae_id!r} ({type(e).__name__}); without network access download it "
-             f"elsewhere and pass its folder (AutoencoderKL.save_pretrained layout) with --vae /path/to/folder")
-
-
-def sample_generators(seed, indices, device):
-    """One generator per sample index. CPU generators keep only the low 32 bits of a seed, so each
-    run gets a 32-bit offset mixed from --seed and sample i uses offset + i: distinct for every
-    sample of a run, and the same whatever rank or batch the sample lands in."""
-    offset = int(np.random.SeedSequence(seed).generate_state(1)[0])
-    return [torch.Generator(device).manual_seed((offset + int(i)) % 2**32) for i in indices]
-
-
-def denoise(model, diffusion, indices, labels, args):
-    """Run args.sampler for the given sample indices and labels -> model-space samples [B, C, h, w]."""
-    device = next(model.parameters()).device
-    guided = guided_model_fn(model, labels.to(device), args.cfg_scale, guide_channels=args.cfg_channels)
-
-    def model_fn(x, t):
-        # Only the network runs in bf16; the sampler's arithmetic stays in full precision.
-        with torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16"):
-            return guided(x, t).float()
-
-    shape = (len(indices), model.in_channels, model.input_size, model.input_size)
-    return diffusion.sample(model_fn, shape, sampler=args.sampler, steps=args.steps, eta=args.eta,
-                            generator=sample_generators(args.seed, indices, device),
-                            clip_denoised=args.clip_denoised)
-
-
-def decode(x, vae, scale_factor):
-    """Model-space samples -> uint8 numpy [B, H, W, 3], through the VAE for latent models."""
-    if vae is not None:
-        x = vae.decode(x / scale_factor).sample  # fp32: the decoder is a small share of the time
-    return model_to_uint8(x).cpu().numpy()  # the one quantization to uint8
-
-
-def save_grid(path, images, rows, pad=2):
-    """images: uint8 [rows*cols, H, W, 3] in row-major order -> one PNG with black gutters."""
-    n, h, w, _ = images.shape
-    cols = n // rows
-    grid = np.zeros((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), np.uint8)
-    for k, image in enumerate(images):
-        r, c = divmod(k, cols)
-        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = image
-    atomic_write(path, lambda f: Image.fromarray(grid).save(f, format="PNG"))
 
 
 def write_npz(f, shard_paths, shard_sizes, image_shape):
@@ -182,24 +57,36 @@ def write_npz(f, shard_paths, shard_sizes, image_shape):
 
 
 @torch.no_grad()
-def main(args):
+def main(argv=None):
+    args = parse_args(argv)
     world = init_distributed()
     device = world.device
     if args.precision == "tf32":
         torch.set_float32_matmul_precision("high")
 
-    model, diffusion, vae_id, scale_factor = load_model(args)
+    try:
+        model, diffusion, vae_id, scale_factor, _ = load_export(
+            args.ckpt, args.weights, model=args.model, image_size=args.image_size, num_classes=args.num_classes,
+            learn_sigma=args.learn_sigma, vae=args.vae)
+    except ExportError as e:
+        fail(str(e))
     model = model.to(device).eval()
     latent = vae_id is not None
     if latent and args.clip_denoised:
         fail("--clip-denoised is for pixel models only: latents are not confined to [-1, 1]")
-    vae = load_vae(vae_id, device) if latent else None
+    try:
+        vae = load_vae(vae_id, device) if latent else None
+    except StoreError as e:
+        fail(str(e))
     if args.cfg_channels is not None and not 1 <= args.cfg_channels <= model.in_channels:
         fail(f"--cfg-channels must be in [1, {model.in_channels}], got {args.cfg_channels}")
     num_classes = model.num_classes
+    sampling = {k: getattr(args, k) for k in ("seed", "sampler", "steps", "eta", "cfg_scale", "cfg_channels",
+                                              "clip_denoised")}
 
-    def generate(indices, labels):
-        return decode(denoise(model, diffusion, indices, labels, args), vae, scale_factor)
+    def images_of(indices, labels):
+        x = generate(model, diffusion, indices, labels, bf16=args.precision == "bf16", **sampling)
+        return model_to_images(x, vae, scale_factor)
 
     if args.grid:
         # A picture to look at: one process is enough, other ranks have nothing to do.
@@ -211,7 +98,7 @@ def main(args):
             if not all(0 <= c < num_classes for c in classes):
                 fail(f"--classes must be in [0, {num_classes}), got {args.classes}")
             labels = torch.tensor(classes).repeat_interleave(args.per_class)  # row r holds classes[r]
-            images = np.concatenate([generate(range(lo, min(lo + args.batch_size, len(labels))),
+            images = np.concatenate([images_of(range(lo, min(lo + args.batch_size, len(labels))),
                                               labels[lo:lo + args.batch_size])
                                      for lo in tqdm(range(0, len(labels), args.batch_size), unit="batch")])
             save_grid(args.grid, images, rows=len(classes))
@@ -259,7 +146,7 @@ def main(args):
         images = []
         for b in range(lo, hi, args.batch_size):
             indices = range(b, min(b + args.batch_size, hi))
-            images.append(generate(indices, torch.tensor(indices) % num_classes))  # balanced labels
+            images.append(images_of(indices, torch.tensor(indices) % num_classes))  # balanced labels
             progress.update(len(indices))
         images, labels = np.concatenate(images), np.arange(lo, hi, dtype=np.int64) % num_classes
         atomic_write(shard_paths[s], lambda f: np.savez(f, arr_0=images, arr_1=labels))
@@ -317,4 +204,4 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    main()

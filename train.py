@@ -35,10 +35,12 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 
+from config import ConfigError, load_config
 from diffusion import GaussianDiffusion
-from distributed import atomic_write, barrier, cleanup_distributed, init_distributed
+from distributed import atomic_write, barrier, cleanup_distributed, init_distributed, seed_for
+from export import save_export
 from models import ALL_MODELS
-from store import open_store, uint8_to_model
+from store import open_store
 
 # Every config key and its default. A YAML file overrides these, `--set key=value` overrides the YAML;
 # a key not listed here is an error.
@@ -96,117 +98,10 @@ DEFAULTS = {
 }
 
 ORDER_STREAM, STEP_STREAM, RANK_STREAM = 0, 1, 2   # independent random streams derived from run.seed
-CRASH_ENV = "MINSNR_TEST_CRASH_STEP"               # test-only: the last rank dies once at this step (see main)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Configuration
-
-
-class ConfigError(ValueError):
-    pass
-
-
-def flatten(tree, prefix=""):
-    """{"a": {"b": 1}} -> {"a.b": 1}."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def unflatten(flat):
-    tree = {}
-    for key, value in flat.items():
-        *parents, leaf = key.split(".")
-        node = tree
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return tree
-
-
-def check_type(key, default, value):
-    """Return `value` with the type of `default`, or raise ConfigError naming the key."""
-    if default is None or value is None:
-        return value
-    if isinstance(default, bool):
-        if isinstance(value, bool):
-            return value
-    elif isinstance(default, float):
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):   # YAML 1.1 reads "1e-4" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif isinstance(default, int):
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif isinstance(default, list):
-        if isinstance(value, list) and len(value) == len(default):
-            return [check_type(f"{key}[{i}]", d, v) for i, (d, v) in enumerate(zip(default, value))]
-    elif isinstance(value, type(default)):
-        return value
-    raise ConfigError(f"config key '{key}' expects {type(default).__name__}"
-                      f"{f' of length {len(default)}' if isinstance(default, list) else ''}, got {value!r}")
-
-
-def apply_overrides(flat, overrides, source):
-    for key, value in overrides.items():
-        if key not in flat and key in DEFAULTS:
-            raise ConfigError(f"config key '{key}' in {source} is a section: give it a mapping of "
-                              f"{', '.join(DEFAULTS[key])}")
-        if key not in flat:
-            close = difflib.get_close_matches(key, list(flat), n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"unknown config key '{key}' in {source}{hint}")
-        flat[key] = check_type(key, DEFAULTS_FLAT[key], value)
-
-
-DEFAULTS_FLAT = flatten(DEFAULTS)
-
-
-def parse_yaml(text, source):
-    """yaml.safe_load, with a syntax error turned into a one-line ConfigError naming `source`."""
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise ConfigError(f"{source} is not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
-
-
-def load_config(argv):
-    """Defaults <- YAML file <- `--set key=value` (values parsed as YAML). Returns (config, run name)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", help="YAML file overriding train.py's DEFAULTS")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one config key, e.g. --set optim.lr=2e-4 (repeatable)")
-    args = parser.parse_args(argv)
-    flat = dict(DEFAULTS_FLAT)
-    if args.config:
-        try:
-            with open(args.config) as f:
-                tree = parse_yaml(f, args.config) or {}
-        except OSError as e:
-            raise ConfigError(f"cannot read config {args.config}: {e.strerror}")
-        if not isinstance(tree, dict):
-            raise ConfigError(f"config {args.config} is not a mapping of sections")
-        apply_overrides(flat, flatten(tree), args.config)
-    for item in args.set:
-        key, sep, text = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set expects KEY=VALUE, got '{item}'")
-        apply_overrides(flat, {key.strip(): parse_yaml(text, f"--set {item!r}")}, "--set")
-    cfg = unflatten(flat)
-    name = cfg["run"]["name"] or (Path(args.config).stem if args.config else "default")
-    validate(cfg)
-    return cfg, name
+# Configuration (config.py loads it; these are the choices DEFAULTS' types cannot express)
 
 
 def validate(cfg):
@@ -226,11 +121,6 @@ def validate(cfg):
 
 # ----------------------------------------------------------------------------------------------------
 # Process group, seeds, data
-
-
-def seed_for(*keys):
-    """A seed for the random stream named by integers (seed, stream, index): streams never collide."""
-    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0])
 
 
 @functools.lru_cache(maxsize=2)
@@ -263,21 +153,8 @@ def step_randomness(seed, step, diffusion, batch, shape, label_dropout):
     return t, flips, noise, posterior_noise, drop_label
 
 
-def load_x0(store, indices, flips, posterior_noise):
-    """Model-space x0 [B,C,H,W] float32 and labels [B] for store rows `indices`."""
-    data, labels = store.read(indices, flips.numpy() if store.flip else None)
-    if store.mode == "latents":
-        mean, std = (torch.from_numpy(a) for a in data)
-        x0 = (mean + std * posterior_noise) * store.scale_factor
-    else:
-        x0 = uint8_to_model(data)
-        if not store.flip:   # pixels flip exactly; latents cannot be flipped after encoding
-            x0 = torch.where(flips[:, None, None, None], x0.flip(-1), x0)
-    return x0, torch.from_numpy(labels.astype(np.int64, copy=False))
-
-
 # ----------------------------------------------------------------------------------------------------
-# Model, EMA, optimizer
+# Model, EMA, optimizer and the step's parts (bench/bench_train.py times these same functions)
 
 
 def model_args(cfg, store):
@@ -413,14 +290,14 @@ def load_checkpoint(path, model, ema, optimizer, world):
     return int(progress["step"]), int(progress["samples_seen"])
 
 
-def export_checkpoint(path, model, ema, args, world):
-    """Single-file {"model", "ema", "args"} with full tensors and models.py's own keys, for sample.py
-    and DiT-style tools. Gathering is a collective: every rank calls this; rank 0 writes."""
+def export_checkpoint(path, model, ema, export_args, world):
+    """The single-file export (export.py's format) with full tensors and models.py's own keys, for
+    sample.py and DiT-style tools. Gathering is a collective: every rank calls this; rank 0 writes."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_sd = get_model_state_dict(model, options=options)
     ema_sd = get_model_state_dict(ema, options=options)
     if world.is_main:
-        atomic_write(path, lambda f: torch.save({"model": model_sd, "ema": ema_sd, "args": args}, f))
+        save_export(path, model_sd, ema_sd, **export_args)
     barrier()
 
 
@@ -500,11 +377,22 @@ def fail(message):
     sys.exit(1)
 
 
-def main():
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", help="YAML file overriding train.py's DEFAULTS")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one config key, e.g. --set optim.lr=2e-4 (repeatable)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    args = parser.parse_args(argv)
     try:
-        cfg, run_name = load_config(sys.argv[1:])
+        cfg = load_config(DEFAULTS, args.config, args.set)
+        validate(cfg)
     except ConfigError as e:
         fail(str(e))
+    if args.print_config:
+        print(yaml.safe_dump(cfg, sort_keys=False), end="")
+        return
+    run_name = cfg["run"]["name"] or (Path(args.config).stem if args.config else "default")
     try:
         store = open_store(cfg["data"]["path"], mode=cfg["data"]["mode"], image_size=cfg["data"]["image_size"])
     except (OSError, ValueError) as e:
@@ -527,7 +415,7 @@ def main():
         diffusion = GaussianDiffusion(**dargs)
     except ValueError as e:
         fail(str(e))
-    export_args = {"config": cfg, "model": margs, "diffusion": dargs,
+    export_args = {"config": cfg, "model_args": margs, "diffusion_args": dargs,
                    "data": {"mode": store.manifest["mode"], "image_size": store.manifest["image_size"],
                             "vae": store.manifest.get("vae"), "scale_factor": store.manifest.get("scale_factor"),
                             "class_names": list(store.class_names)}}
@@ -552,7 +440,6 @@ def main():
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    crash_step = int(os.environ.get(CRASH_ENV, -1))
     tb = open_tensorboard(cfg, run_dir) if world.is_main else None
     shape = tuple(store.manifest["shape"])
     num_buckets = t_cfg["num_buckets"]
@@ -561,13 +448,6 @@ def main():
     model.train()
 
     while step < t_cfg["steps"]:
-        # Test-only fault injection (used by tests/test_train.py): the last rank dies once, mid-run.
-        if step == crash_step and world.rank == world.world_size - 1:
-            marker = run_dir / "crashed-once"
-            if not marker.exists():
-                marker.touch()
-                os._exit(1)
-
         # This rank's rows [rank*local_batch, (rank+1)*local_batch) of the global batch; micro-batches
         # are contiguous sub-slices of those rows.
         rows = slice(world.rank * local_batch, (world.rank + 1) * local_batch)
@@ -575,7 +455,7 @@ def main():
         t, flips, noise, posterior_noise, drop_label = (
             a[rows] for a in step_randomness(seed, step, diffusion, batch, shape, cfg["model"]["class_dropout_prob"]))
         flips &= cfg["data"]["random_flip"]
-        x0, y = load_x0(store, indices, flips, posterior_noise)
+        x0, y = store.read_model(indices, flips, posterior_noise)
         y = torch.where(drop_label, store.num_classes, y)   # the null label trains the unconditional model
         micro_batches = [tuple(a[i:i + micro].to(world.device, non_blocking=True) for a in (x0, y, t, noise))
                          for i in range(0, local_batch, micro)]

@@ -4,23 +4,19 @@ not depend on the weights. Times --timed-steps sampler steps and extrapolates pe
 --steps (every step costs the same model calls), then times the VAE decode separately for latent
 models (the full-size SD VAE architecture, random weights).
 
-    python bench/bench_sample.py --model DiT-Ti/2 --image-size 64 --steps 250 --batch-size 8 --timed-steps 5
-    python bench/bench_sample.py --model DiT-XL/2 --image-size 256 --sampler ddpm --steps 250 \
+    python -m bench.bench_sample --model DiT-Ti/2 --image-size 64 --steps 250 --batch-size 8 --timed-steps 5
+    python -m bench.bench_sample --model DiT-XL/2 --image-size 256 --sampler ddpm --steps 250 \
         --cfg-scale 1.5 --precision bf16 --batch-size 64 --timed-steps 10 --device cuda
 """
 import argparse
-import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from diffusion import GaussianDiffusion  # noqa: E402
-from bench_extract import SD_VAE_CONFIG  # noqa: E402
-from models import ALL_MODELS  # noqa: E402
-from sample import decode, denoise  # noqa: E402
-from store import SD_VAE_SCALE_FACTOR  # noqa: E402
+from bench.bench_extract import SD_VAE_CONFIG
+from diffusion import GaussianDiffusion, generate
+from models import ALL_MODELS
+from store import SD_VAE_SCALE_FACTOR, model_to_images
 
 
 def model_calls(diffusion, args, steps):
@@ -62,11 +58,14 @@ def run(args):
     indices = range(args.batch_size)
     labels = torch.arange(args.batch_size) % args.num_classes
 
+    sampling = {k: getattr(args, k) for k in ("seed", "sampler", "eta", "cfg_scale", "cfg_channels")}
+
+    def denoise(steps):
+        return generate(model, diffusion, indices, labels, steps=steps, bf16=args.precision == "bf16", **sampling)
+
     full_steps = args.steps
-    args.steps = 2  # warm-up (the fewest steps every sampler takes): kernels, allocator, autotuning
-    denoise(model, diffusion, indices, labels, args)
-    args.steps = args.timed_steps
-    x, seconds = timed(lambda: denoise(model, diffusion, indices, labels, args), device)
+    denoise(2)  # warm-up (the fewest steps every sampler takes): kernels, allocator, autotuning
+    x, seconds = timed(lambda: denoise(args.timed_steps), device)
     per_call = seconds / model_calls(diffusion, args, args.timed_steps)
     denoise_s = per_call * model_calls(diffusion, args, full_steps) / args.batch_size  # per image
 
@@ -83,8 +82,8 @@ def run(args):
 
         with device:
             vae = AutoencoderKL(**SD_VAE_CONFIG).eval()
-        decode(x, vae, SD_VAE_SCALE_FACTOR)  # warm-up
-        _, seconds = timed(lambda: decode(x, vae, SD_VAE_SCALE_FACTOR), device)
+        model_to_images(x, vae, SD_VAE_SCALE_FACTOR)  # warm-up
+        _, seconds = timed(lambda: model_to_images(x, vae, SD_VAE_SCALE_FACTOR), device)
         decode_s = seconds / args.batch_size
         total_s += decode_s
         print(f"VAE decode (SD-VAE architecture, fp32): {1 / decode_s:.2f} images/s")
@@ -114,7 +113,6 @@ def main(argv=None):
     parser.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
-    parser.set_defaults(clip_denoised=False)  # denoise() reads it; a speed-neutral option
     return run(parser.parse_args(argv))
 
 

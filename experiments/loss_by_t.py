@@ -8,28 +8,23 @@ images) and its standard error. With the same --seed every checkpoint sees the s
 timesteps, so two models compare pairwise; their ratio at a timestep is the same in ε-, v- or x0-space
 (‖ε − ε̂‖² = SNR·‖x0 − x̂0‖², ‖v − v̂‖² = (SNR+1)·‖x0 − x̂0‖², factors that depend on t only).
 
-    python experiments/loss_by_t.py --ckpt results/cifar10/checkpoints/step-0100000.pt \
+    python -m experiments.loss_by_t --ckpt results/cifar10/checkpoints/step-0100000.pt \
         --data data/cifar10-test --num-images 256 --timesteps 20 --out loss_by_t.json
 
-Latent stores are encoded with their posterior mean (no sampling), times the store's scale factor.
+Latent stores give their posterior mean (no sampling) in model space (store.Store.read_model).
 """
 import argparse
 import json
 import math
 import sys
-from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-import sample  # noqa: E402  (the repository root is on the path only now)
-from diffusion import respace_timesteps  # noqa: E402
-from distributed import atomic_write  # noqa: E402
-from store import StoreError, open_store, uint8_to_model  # noqa: E402
+from diffusion import respace_timesteps
+from distributed import atomic_write
+from export import ExportError, load_export
+from store import StoreError, open_store
 
 
 def fail(message):
@@ -53,18 +48,13 @@ def x0_mse_by_t(model_fn, diffusion, x0, labels, timesteps, noise, batch_size):
     return out
 
 
-def held_out_batch(store, num_images, seed, scale_factor):
+def held_out_batch(store, num_images, seed):
     """A fixed random subset of the store in model space -> (x0 [N, C, h, w], labels [N])."""
     if num_images > len(store):
         fail(f"--num-images {num_images} exceeds the {len(store)} images of {store.path}")
     g = torch.Generator().manual_seed(seed)
     indices = torch.randperm(len(store), generator=g)[:num_images].sort().values.numpy()
-    data, labels = store.read(indices)
-    if store.mode == "latents":
-        x0 = torch.from_numpy(data[0]) * scale_factor
-    else:
-        x0 = uint8_to_model(data)
-    return x0, torch.from_numpy(labels.astype(np.int64))
+    return store.read_model(indices)
 
 
 def main(argv=None):
@@ -82,19 +72,21 @@ def main(argv=None):
     if args.num_images < 1 or args.batch_size < 1:
         fail("--num-images and --batch-size must be at least 1")
 
-    model, diffusion, _, scale_factor = sample.load_export(args.ckpt, args.weights)
-    model = model.to(args.device).eval()
     try:
+        model, diffusion, _, scale_factor, _ = load_export(args.ckpt, args.weights)
         store = open_store(args.data, mode="pixels" if scale_factor is None else "latents")
-    except StoreError as e:
+    except (ExportError, StoreError) as e:
         fail(str(e))
+    if store.scale_factor != scale_factor:
+        fail(f"{args.data} holds latents at scale {store.scale_factor}, the model was trained at {scale_factor}")
+    model = model.to(args.device).eval()
     model_shape = [model.in_channels, model.input_size, model.input_size]
     if list(store.manifest["shape"]) != model_shape:
         fail(f"{args.data} holds items of shape {store.manifest['shape']}, the model takes {model_shape}")
     if not 2 <= args.timesteps <= diffusion.num_timesteps:
         fail(f"--timesteps must be in [2, {diffusion.num_timesteps}], got {args.timesteps}")
 
-    x0, labels = held_out_batch(store, args.num_images, args.seed, scale_factor)
+    x0, labels = held_out_batch(store, args.num_images, args.seed)
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(args.seed + 1))
     timesteps = respace_timesteps(diffusion.num_timesteps, args.timesteps)
     x0, labels, noise = x0.to(args.device), labels.to(args.device), noise.to(args.device)

@@ -7,7 +7,7 @@ number of images (sample i starts from the noise of (seed, i) and has label i % 
 --switch-t -1 reproduces --high's own sample.py batch and --switch-t 999 reproduces --low's. If the
 hybrid scores like --low, the steps at t ≤ τ decide the difference in FID.
 
-    python experiments/swap_models.py --high results/study-cpu/runs/eps-min_snr5-s0/checkpoints/step-0001000.pt \\
+    python -m experiments.swap_models --high results/study-cpu/runs/eps-min_snr5-s0/checkpoints/step-0001000.pt \\
         --low results/study-cpu/runs/eps-snr-s0/checkpoints/step-0001000.pt --switch-t 105 \\
         --sampler ddim --steps 20 --clip-denoised --num-samples 250 --out swap.npz
     python evaluate.py swap.npz --ref results/study-cpu/ref/cifar10-train-500pc-stats.npz --no-pr
@@ -16,17 +16,15 @@ Pixel models, no guidance: the study's setting.
 """
 import argparse
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-import sample  # noqa: E402  (the repository root is on the path only now)
-from distributed import atomic_write  # noqa: E402
+from diffusion import generate
+from distributed import atomic_write
+from export import ExportError, load_export
+from store import model_to_images
 
 
 def fail(message):
@@ -47,7 +45,10 @@ class SwitchAtT(torch.nn.Module):
 
 
 def load(ckpt):
-    model, diffusion, vae, _ = sample.load_export(ckpt)
+    try:
+        model, diffusion, vae, _, _ = load_export(ckpt)
+    except ExportError as e:
+        fail(str(e))
     if vae is not None:
         fail(f"{ckpt} is a latent model; this experiment takes pixel models")
     return model.eval(), diffusion
@@ -80,14 +81,13 @@ def main(argv=None):
         fail("the models take different inputs (channels, size or classes)")
     model = SwitchAtT(high, low, args.switch_t)
 
-    # sample.denoise's settings for a plain conditional sampler in fp32 (what the study uses).
-    sampler_args = argparse.Namespace(cfg_scale=1.0, cfg_channels=None, precision="fp32", sampler=args.sampler,
-                                      steps=args.steps, eta=args.eta, seed=args.seed, clip_denoised=args.clip_denoised)
+    # sample.py's sampling (diffusion.generate), unguided and in fp32: what the study uses.
     images = []
     for lo in tqdm(range(0, args.num_samples, args.batch_size), unit="batch"):
         indices = range(lo, min(lo + args.batch_size, args.num_samples))
-        x = sample.denoise(model, diffusion, indices, torch.tensor(indices) % model.num_classes, sampler_args)
-        images.append(sample.decode(x, None, None))
+        x = generate(model, diffusion, indices, torch.tensor(indices) % model.num_classes, seed=args.seed,
+                     sampler=args.sampler, steps=args.steps, eta=args.eta, clip_denoised=args.clip_denoised)
+        images.append(model_to_images(x))
     labels = np.arange(args.num_samples, dtype=np.int64) % model.num_classes
     images = np.concatenate(images)
     atomic_write(args.out, lambda f: np.savez(f, arr_0=images, arr_1=labels))

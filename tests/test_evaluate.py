@@ -13,18 +13,14 @@ import pytest
 import torch
 from scipy import linalg
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import evaluate as E  # noqa: E402
-
-CIFAR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cifar10-jpeg.tar.gz")
-needs_cifar = pytest.mark.skipif(not os.path.exists(CIFAR), reason="CIFAR-10 tarball not found")
+import evaluate as E
 
 
-def cifar_subset(split, per_class, skip=0):
+def cifar_subset(archive, split, per_class, skip=0):
     """uint8 [10*per_class, 32, 32, 3]: images skip..skip+per_class-1 of every class of `split`."""
     from PIL import Image
     picked = {}
-    with tarfile.open(CIFAR, "r:gz") as tar:
+    with tarfile.open(archive, "r:gz") as tar:
         for m in tar:
             parts = m.name.split("/")
             if m.isfile() and parts[0] == split:
@@ -181,8 +177,11 @@ def test_npz_streaming_equals_np_load(tmp_path, save):
     assert [len(b) for b in E.ImageSource(path, limit=7).batches(4)] == [4, 3]
 
 
-def test_npy_folder_and_store_sources(tmp_path, monkeypatch):
+def test_npy_folder_and_store_sources(tmp_path, make_store):
+    """The same images as a .npy, as a folder of PNGs (and an RGBA one, composited on white as
+    extract_latents.py does) and as a pixel store read back in store order."""
     from PIL import Image
+    import store
     rng = np.random.default_rng(6)
     arr = rng.integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
     np.save(tmp_path / "a.npy", arr)
@@ -191,20 +190,14 @@ def test_npy_folder_and_store_sources(tmp_path, monkeypatch):
     folder.mkdir(parents=True)
     for i, im in enumerate(arr):
         Image.fromarray(im).save(folder / f"{i:03d}.png")
-    np.testing.assert_array_equal(np.concatenate(list(E.ImageSource(str(tmp_path / "imgs")).batches(2))), arr)
-    # pixel store: coded against store.py's interface (open_store(path, mode="pixels"), len, read)
-    store_dir = tmp_path / "store"
-    store_dir.mkdir()
-    (store_dir / "manifest.json").write_text("{}")
-
-    class FakeStore:
-        def __len__(self):
-            return len(arr)
-
-        def read(self, idx):
-            return arr[idx], np.zeros(len(idx), np.int64)
-    monkeypatch.setattr(E, "open_store", lambda path, mode=None: FakeStore() if mode == "pixels" else None)
-    np.testing.assert_array_equal(np.concatenate(list(E.ImageSource(str(store_dir)).batches(2))), arr)
+    Image.new("RGBA", (8, 8), (10, 20, 30, 0)).save(folder / "005.png")
+    folder_images = np.concatenate(list(E.ImageSource(str(tmp_path / "imgs")).batches(2)))
+    np.testing.assert_array_equal(folder_images[:5], arr)
+    assert (folder_images[5] == 255).all()
+    pixels = store.open_store(make_store(tmp_path / "store", n=7, size=8))
+    from_store = np.concatenate(list(E.ImageSource(str(tmp_path / "store")).batches(3)))
+    np.testing.assert_array_equal(from_store, pixels.read(np.arange(7))[0])
+    assert len(np.unique(from_store.reshape(7, -1), axis=0)) > 1
 
 
 # ---------------------------------------------------------------- precision / recall
@@ -245,10 +238,9 @@ def _fid(a, b):
     return E.frechet_distance(a["mu"], a["sigma"], b["mu"], b["sigma"])
 
 
-@needs_cifar
-def test_fid_cifar_small(net):
+def test_fid_cifar_small(net, cifar):
     """FID-10 (one image per class): train vs test is far below train vs uniform noise."""
-    train, test = cifar_subset("train", 1), cifar_subset("test", 1)
+    train, test = cifar_subset(cifar, "train", 1), cifar_subset(cifar, "test", 1)
     noise = np.random.default_rng(8).integers(0, 256, train.shape, dtype=np.uint8)
     f_train, f_test, f_noise = (features_of(net, x) for x in (train, test, noise))
     fid_test, fid_noise = _fid(f_train, f_test), _fid(f_train, f_noise)
@@ -257,10 +249,9 @@ def test_fid_cifar_small(net):
 
 
 @pytest.mark.slow
-@needs_cifar
-def test_fid_cifar_200(net):
+def test_fid_cifar_200(net, cifar):
     """FID-200 (20 per class): train vs test < train vs blurred train < train vs noise; P&R ordered too."""
-    train, test = cifar_subset("train", 20), cifar_subset("test", 20)
+    train, test = cifar_subset(cifar, "train", 20), cifar_subset(cifar, "test", 20)
     noise = np.random.default_rng(9).integers(0, 256, train.shape, dtype=np.uint8)
     feats = {k: features_of(net, x) for k, x in
              (("train", train), ("test", test), ("blur", _blur(train)), ("noise", noise))}
@@ -283,8 +274,7 @@ def test_cli_end_to_end(tmp_path, net, monkeypatch, capsys):
     np.savez(tmp_path / "samples.npz", samples)
     np.savez(tmp_path / "ref.npz", ref)
     monkeypatch.setattr(E, "load_inception", lambda device: (net, "test-sha"))
-    monkeypatch.setattr(sys, "argv", ["evaluate.py", str(tmp_path / "ref.npz"), "--save-stats", str(tmp_path / "stats.npz")])
-    E.main()
+    E.main([str(tmp_path / "ref.npz"), "--save-stats", str(tmp_path / "stats.npz")])
     with np.load(tmp_path / "stats.npz") as f:
         assert f["mu"].shape == (2048,) and f["sigma_s"].shape == (2023, 2023) and f["features"].shape == (6, 2048)
         assert int(f["count"]) == 6
@@ -294,9 +284,7 @@ def test_cli_end_to_end(tmp_path, net, monkeypatch, capsys):
     results = {}
     for ref_arg in ("stats.npz", "ref.npz", "adm.npz", "pfid.npz"):
         out = tmp_path / f"eval-{ref_arg}.json"
-        monkeypatch.setattr(sys, "argv", ["evaluate.py", str(tmp_path / "samples.npz"), "--ref", str(tmp_path / ref_arg),
-                                          "--out", str(out)])
-        E.main()
+        E.main([str(tmp_path / "samples.npz"), "--ref", str(tmp_path / ref_arg), "--out", str(out)])
         res = results[ref_arg] = json.loads(out.read_text())
         assert res["num_samples"] == 6 and res["weights_sha256"] == "test-sha"
         assert len(res["reference_sha256"]) == 64 and res["date"]

@@ -1,7 +1,6 @@
 """The diagnostics in experiments/: loss_by_t.py's held-out x0-MSE per timestep against closed forms
 for each target, its pairing guarantee (same images and noise whatever the batch size) and one-line
 errors; swap_models.py's hand-over between two models against sample.py's own batches."""
-import importlib.util
 import json
 from pathlib import Path
 
@@ -12,20 +11,7 @@ import torch
 import extract_latents
 import sample
 from diffusion import TARGETS, GaussianDiffusion
-from models import ALL_MODELS
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-loss_by_t = load_script("loss_by_t")
-swap_models = load_script("swap_models")
+from experiments import loss_by_t, swap_models
 
 TIMESTEPS = [0, 10, 300, 999]
 
@@ -75,33 +61,16 @@ def test_learned_sigma_channels_are_ignored():
     assert mse.abs().max() < 1e-12
 
 
-def save_export(path, seed, target="v"):
-    """A random DiT-Ti/4 for 8-px pixels in train.py's export format."""
-    model_cfg = {"name": "DiT-Ti/4", "input_size": 8, "in_channels": 3, "num_classes": 10, "learn_sigma": False,
-                 "class_dropout_prob": 0.1}
-    model = ALL_MODELS["DiT-Ti/4"](**{k: v for k, v in model_cfg.items() if k != "name"})
-    # adaLN-Zero outputs exactly 0 at init: random weights make the output depend on the input
-    g = torch.Generator().manual_seed(seed)
-    state = {k: v if k == "pos_embed" else 0.05 * torch.randn(v.shape, generator=g)
-             for k, v in model.state_dict().items()}
-    args = {"config": {}, "model": model_cfg,
-            "diffusion": {"schedule": "cosine", "num_timesteps": 1000, "target": target, "weighting": "min_snr",
-                          "gamma": 5.0, "zero_terminal_snr": False, "learn_sigma": False},
-            "data": {"mode": "pixels", "image_size": 8, "vae": None, "scale_factor": None,
-                     "class_names": [str(i) for i in range(10)]}, "step": 0}
-    torch.save({"model": state, "ema": state, "args": args}, path)
-    return path
-
-
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    """A builtin 8-px pixel store, two random exports (v target) and one with another target."""
+def files(make_export, tmp_path_factory):
+    """A builtin 8-px pixel store, two random DiT-Ti/4 exports (v target, cosine) and one with another target."""
     tmp = tmp_path_factory.mktemp("experiments")
     extract_latents.main(["--data", "builtin", "--num-images", "40", "--image-size", "8", "--vae", "none",
                           "--out", str(tmp / "store")])
-    save_export(tmp / "export.pt", seed=0)
-    save_export(tmp / "other.pt", seed=1)
-    save_export(tmp / "eps.pt", seed=2, target="eps")
+    model = {"name": "DiT-Ti/4", "num_classes": 10, "schedule": "cosine"}
+    make_export(tmp / "export.pt", target="v", seed=0, ema_seed=0, **model)
+    make_export(tmp / "other.pt", target="v", seed=1, ema_seed=1, **model)
+    make_export(tmp / "eps.pt", target="eps", seed=2, ema_seed=2, **model)
     return tmp
 
 
@@ -138,7 +107,7 @@ SAMPLER = ["--sampler", "ddim", "--steps", "4", "--clip-denoised", "--num-sample
 
 
 def sample_py(ckpt, out):
-    sample.main(sample.parse_args(["--ckpt", str(ckpt), *SAMPLER, "--cfg-scale", "1.0", "--out", str(out)]))
+    sample.main(["--ckpt", str(ckpt), *SAMPLER, "--cfg-scale", "1.0", "--out", str(out)])
     with np.load(out) as f:
         return f["arr_0"], f["arr_1"]
 

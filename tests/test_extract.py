@@ -1,4 +1,4 @@
-"""extract_latents.py and store.py: real CIFAR-10 from the shared archive, the builtin dataset, latent
+"""extract_latents.py and store.py: real CIFAR-10 read from its archive, the builtin dataset, latent
 mode with a tiny random VAE, torchrun invariance, resume after a crash, and every bad-input case."""
 import errno
 import io
@@ -14,15 +14,12 @@ import pytest
 import torch
 from PIL import Image
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import extract_latents  # noqa: E402
-from extract_latents import builtin_image, main  # noqa: E402
-from store import StoreError, model_to_uint8, open_store, uint8_to_model  # noqa: E402
+import store
+from extract_latents import builtin_image, main
+from store import StoreError, model_to_uint8, open_store, uint8_to_model
 
-CIFAR = os.path.join(ROOT, "..", "shared", "data", "cifar10-jpeg.tar.gz")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-needs_cifar = pytest.mark.skipif(not os.path.exists(CIFAR), reason="shared CIFAR-10 archive not present")
 
 
 def run(*args):
@@ -49,10 +46,9 @@ def test_pixel_mapping_round_trip():
                        torch.tensor([0, 255], dtype=torch.uint8))
 
 
-@needs_cifar
-def test_cifar_subset_from_archive(tmp_path):
+def test_cifar_subset_from_archive(cifar, tmp_path):
     out = tmp_path / "cifar"
-    run("--data", CIFAR, "--split", "train", "--limit-per-class", 12, "--image-size", 32, "--vae", "none",
+    run("--data", cifar, "--split", "train", "--limit-per-class", 12, "--image-size", 32, "--vae", "none",
         "--flip", "--shard-size", 50, "--out", out)
     s = open_store(out, mode="pixels", image_size=32)
     assert len(s) == 120 and s.class_names == CIFAR_CLASSES and s.num_classes == 10
@@ -61,7 +57,7 @@ def test_cifar_subset_from_archive(tmp_path):
     s.verify()
     # Pixel-exact against PIL decoding the same members; index = sorted class, then sorted file name.
     picks = {0: "train/airplane/0000.jpg", 13: "train/automobile/0001.jpg", 119: "train/truck/0011.jpg"}
-    with tarfile.open(CIFAR) as tf:
+    with tarfile.open(cifar) as tf:
         want = {i: np.asarray(Image.open(tf.extractfile(n)).convert("RGB")) for i, n in picks.items()}
     idx = np.array(list(picks))
     imgs, labels = s.read(idx)
@@ -97,18 +93,6 @@ def test_builtin_deterministic_and_class_dependent(tmp_path):
     assert len(s) == 40 and s.class_names[7] == "red-circle" and np.bincount(s.labels).tolist() == [4] * 10
 
 
-@pytest.fixture(scope="module")
-def tiny_vae(tmp_path_factory):
-    from diffusers import AutoencoderKL
-    torch.manual_seed(0)
-    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, layers_per_block=1,
-                        norm_num_groups=4, sample_size=16)
-    path = tmp_path_factory.mktemp("vae") / "tiny-vae"
-    vae.save_pretrained(path)
-    return str(path), vae.eval()
-
-
 def test_latent_mode_tiny_vae(tmp_path, tiny_vae):
     vae_path, vae = tiny_vae
     args = ("--data", "builtin", "--num-images", 24, "--image-size", 16, "--vae", vae_path, "--flip",
@@ -117,9 +101,9 @@ def test_latent_mode_tiny_vae(tmp_path, tiny_vae):
     run(*args, "--out", tmp_path / "b")
     assert store_files(tmp_path / "a") == store_files(tmp_path / "b")
     s = open_store(tmp_path / "a", mode="latents", image_size=16)
-    assert s.manifest["shape"] == [4, 8, 8] and s.scale_factor == 0.18215 and s.manifest["vae"] == vae_path
+    assert s.manifest["shape"] == [4, 2, 2] and s.scale_factor == 0.18215 and s.manifest["vae"] == vae_path
     (mean, std), labels = s.read(np.arange(8), flips=np.array([0, 1] * 4, bool))
-    assert mean.shape == std.shape == (8, 4, 8, 8) and mean.dtype == np.float32
+    assert mean.shape == std.shape == (8, 4, 2, 2) and mean.dtype == np.float32
     # Same as encoding the same batch directly (items 0..7 were the first batch of the first shard).
     x = np.stack([builtin_image(i, 0, 16)[0] for i in range(8)])
     with torch.no_grad():
@@ -134,11 +118,10 @@ def test_latent_mode_tiny_vae(tmp_path, tiny_vae):
         open_store(tmp_path / "a", mode="pixels")
 
 
-@needs_cifar
-def test_torchrun_two_ranks_byte_identical(tmp_path, tiny_vae):
+def test_torchrun_two_ranks_byte_identical(cifar, tmp_path, tiny_vae):
     """Archive reading in DataLoader workers + latent encode on 2 ranks == 1 process. CPU float results
     depend on the intra-op thread count, and torchrun sets OMP_NUM_THREADS=1, so the reference uses 1 thread."""
-    args = ["--data", CIFAR, "--split", "test", "--limit-per-class", 3, "--image-size", 16, "--vae", tiny_vae[0],
+    args = ["--data", cifar, "--split", "test", "--limit-per-class", 3, "--image-size", 16, "--vae", tiny_vae[0],
             "--flip", "--shard-size", 7, "--batch-size", 4]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -162,7 +145,7 @@ def test_resume_after_crash(tmp_path, monkeypatch):
     run(*args, "--out", tmp_path / "clean")
     out = tmp_path / "crash"
     # Crash (disk full) on the first file of the second shard.
-    real, calls = extract_latents.atomic_write, []
+    real, calls = store.atomic_write, []
 
     def failing(path, write):
         calls.append(path)
@@ -170,12 +153,12 @@ def test_resume_after_crash(tmp_path, monkeypatch):
             raise OSError(errno.ENOSPC, "No space left on device")
         real(path, write)
 
-    monkeypatch.setattr(extract_latents, "atomic_write", failing)
+    monkeypatch.setattr(store, "atomic_write", failing)
     with pytest.raises(SystemExit) as e:
         run(*args, "--out", out)
     msg = one_line_exit(e)
     assert "disk full" in msg and "00000020-00000040.images.npy" in msg
-    monkeypatch.setattr(extract_latents, "atomic_write", real)
+    monkeypatch.setattr(store, "atomic_write", real)
     assert sorted(os.listdir(out)) == ["00000000-00000020.images.npy", "00000000-00000020.json",
                                        "00000000-00000020.labels.npy"]
     with pytest.raises(StoreError, match="incomplete"):

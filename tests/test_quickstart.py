@@ -1,17 +1,23 @@
-"""quickstart.sh wires its steps together (store -> reference statistics -> torchrun training -> grid ->
+"""quickstart.sh wires its steps together (store -> reference statistics -> torchrun training -> grids ->
 FID batch -> metrics) on a tiny budget set through its environment overrides, and a second run skips
-every finished step."""
+every finished step. What each step computes is tested with its own script; this is about the wiring."""
 import json
 import os
+import re
 import subprocess
+
+import numpy as np
+from PIL import Image
+
+from store import open_store
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_quickstart(tmp_path):
     env = {**os.environ,
-           "QS_DATA": str(tmp_path / "builtin"), "QS_RESULTS": str(tmp_path / "results"),
-           "QS_NUM_IMAGES": "40", "QS_REF_N": "12", "QS_FID_N": "8", "QS_PER_CLASS": "1", "QS_SAMPLE_STEPS": "2",
+           "QS_DATA": str(tmp_path / "builtin"), "QS_RESULTS": str(tmp_path / "results"), "QS_NPROC": "1",
+           "QS_NUM_IMAGES": "40", "QS_REF_N": "12", "QS_FID_N": "8", "QS_PER_CLASS": "2", "QS_SAMPLE_STEPS": "2",
            "QS_TRAIN_SET": "train.steps=2 train.global_batch_size=4 train.log_every=1 train.tensorboard=false",
            "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(["bash", os.path.join(ROOT, "quickstart.sh")], env=env, capture_output=True,
@@ -23,17 +29,29 @@ def run_quickstart(tmp_path):
 def test_quickstart_tiny_end_to_end_and_resume(tmp_path):
     out = run_quickstart(tmp_path)
     run = tmp_path / "results" / "quickstart"
-    ckpt = run / "checkpoints" / "step-0000002.pt"
+    ckpt = run / "checkpoints" / "step-0000002.pt"   # outputs are named after the config's final step
     grid, real = run / "step-0000002-grid.png", run / "real-grid.png"
     metrics = run / "step-0000002-fid8.json"
-    for path in (ckpt, grid, real, metrics, tmp_path / "builtin.fid-ref12.npz"):
+    for path in (ckpt, grid, metrics, tmp_path / "builtin.fid-ref12.npz"):
         assert path.is_file(), path
     result = json.loads(metrics.read_text())
     assert result["num_samples"] == 8 and result["num_reference"] == 12
-    assert result["metrics"]["FID"] >= 0
-    assert f"FID-8 = " in out and str(grid) in out and str(ckpt) in out
+    printed = re.search(r"FID-8 = ([0-9.]+) against 12 dataset images", out)
+    assert printed and float(printed.group(1)) == round(result["metrics"]["FID"], 2)
+    assert str(grid) in out and str(ckpt) in out
+    # The real grid: row c holds the first images of class c, in the generated grid's layout (16 px, 2 px gutters).
+    store = open_store(tmp_path / "builtin")
+    tiles = np.asarray(Image.open(real))
+    assert tiles.shape == np.asarray(Image.open(grid)).shape == (10 * 18 + 2, 2 * 18 + 2, 3)
+    for c in (0, 3, 9):
+        for k in range(2):
+            index = c + 10 * k
+            assert store.labels[index] == c
+            tile = tiles[2 + 18 * c:2 + 18 * c + 16, 2 + 18 * k:2 + 18 * k + 16]
+            assert np.array_equal(tile, store.read([index])[0][0])
 
-    stamps = {p: p.stat().st_mtime_ns for p in (grid, metrics)}
+    stamps = {p: p.stat().st_mtime_ns for p in (ckpt, grid, real, metrics)}
     again = run_quickstart(tmp_path)   # everything finished: nothing is trained, sampled or evaluated again
-    assert again.count("exists, skipped") == 2 and "trained to step 2 already" in again and "samples exist" in again and "metrics exist" in again
-    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items()) and "FID-8 = " in again
+    assert again.count("exists, skipped") == 2 and "trained to step 2 already" in again
+    assert "samples exist" in again and "metrics exist" in again and printed.group(0) in again
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())

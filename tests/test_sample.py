@@ -5,8 +5,6 @@ import socket
 import subprocess
 import sys
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download; the VAE is a local folder
-
 import numpy as np
 import pytest
 import torch
@@ -16,8 +14,6 @@ import sample
 from models import ALL_MODELS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODEL = {"name": "DiT-Ti/2", "input_size": 8, "in_channels": 3, "num_classes": 3, "learn_sigma": False,
-         "class_dropout_prob": 0.1}
 FAST = ["--sampler", "ddim", "--steps", "5"]
 NPZ = [*FAST, "--num-samples", "10", "--shard-size", "4"]  # shards of 4, 4, 2
 
@@ -31,16 +27,8 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def random_weights(model, seed):
-    """adaLN-Zero makes a fresh model output exactly 0 whatever its weights; random weights make the
-    images depend on the weights (pos_embed stays the fixed sin-cos table)."""
-    g = torch.Generator().manual_seed(seed)
-    return {k: v if k == "pos_embed" else 0.05 * torch.randn(v.shape, generator=g)
-            for k, v in model.state_dict().items()}
-
-
 def run(*argv):
-    sample.main(sample.parse_args([str(a) for a in argv]))
+    sample.main([str(a) for a in argv])
 
 
 def error_of(*argv):
@@ -52,18 +40,9 @@ def error_of(*argv):
 
 
 @pytest.fixture(scope="module")
-def export(tmp_path_factory):
-    """A checkpoint in train.py's export format, with different 'model' and 'ema' weights."""
-    path = tmp_path_factory.mktemp("ckpt") / "export.pt"
-    model = ALL_MODELS[MODEL["name"]](**{k: v for k, v in MODEL.items() if k != "name"})
-    args = {"config": {}, "model": MODEL,
-            "diffusion": {"schedule": "linear", "num_timesteps": 1000, "target": "eps", "weighting": "min_snr",
-                          "gamma": 5.0, "zero_terminal_snr": False, "learn_sigma": False},
-            "data": {"mode": "pixels", "image_size": 8, "vae": None, "scale_factor": None,
-                     "class_names": ["a", "b", "c"]},
-            "step": 0}
-    torch.save({"model": random_weights(model, 1), "ema": random_weights(model, 2), "args": args}, path)
-    return path
+def export(make_export, tmp_path_factory):
+    """A DiT-Ti/2 on 8 px pixels, 3 classes, with different 'model' and 'ema' weights."""
+    return make_export(tmp_path_factory.mktemp("ckpt") / "export.pt")
 
 
 @pytest.fixture(scope="module")
@@ -75,18 +54,13 @@ def reference(export, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def dit_file(tmp_path_factory):
+def dit_file(random_weights, tiny_vae, tmp_path_factory):
     """An official-DiT-style plain state dict (latent, learned sigma) and a tiny random SD-style VAE folder."""
-    from diffusers.models import AutoencoderKL
-
-    tmp = tmp_path_factory.mktemp("dit")
+    path = tmp_path_factory.mktemp("dit") / "dit.pt"
     model = ALL_MODELS["DiT-Ti/2"](input_size=8, in_channels=4, num_classes=3, learn_sigma=True,
                                    class_dropout_prob=0.1)
-    torch.save(random_weights(model, 3), tmp / "dit.pt")
-    vae = AutoencoderKL(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=8, latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
-    vae.save_pretrained(tmp / "vae")
-    return tmp / "dit.pt", tmp / "vae"
+    torch.save(random_weights(model, 3), path)
+    return path, tiny_vae[0]
 
 
 def test_npz_round_trip(reference):
@@ -188,8 +162,8 @@ def test_bad_inputs_are_one_line_errors(export, dit_file, tmp_path):
     assert "'pos_embed'" in message and "[1, 16, 256]" in message and "[1, 64, 256]" in message
     assert "missing keys" in error_of(*dit, "--model", "DiT-S/2", "--image-size", 64, *grid)
     assert "unknown model" in error_of(*dit, "--model", "DiT-Nope/2", *grid)
-    assert "--vae /path/to/folder" in error_of(*dit, "--model", "DiT-Ti/2", "--image-size", 64,
-                                                "--vae", tmp_path / "no-vae", *grid)
+    assert f"VAE folder not found: {tmp_path / 'no-vae'}" in error_of(*dit, "--model", "DiT-Ti/2", "--image-size", 64,
+                                                                      "--vae", tmp_path / "no-vae", *grid)
     assert "pixel models only" in error_of(*dit, "--model", "DiT-Ti/2", "--image-size", 64, "--clip-denoised", *grid)
     assert "records it" in error_of("--ckpt", export, "--model", "DiT-Ti/2", *grid)
     assert "--classes" in error_of("--ckpt", export, *FAST, *grid, "--classes", "0,7")

@@ -1,7 +1,7 @@
 """train.py on CPU with gloo: FSDP2 world-size independence, exact resume, fault tolerance, errors.
 
 Multi-process runs go through `python -m torch.distributed.run` (torchrun) in subprocesses on a tiny
-pixel store written here in store.py's format, with a tiny DiT (DiT-Ti/4 at 16x16, 16 tokens).
+pixel store (conftest.make_store), with a tiny DiT (DiT-Ti/4 at 16x16, 16 tokens).
 """
 import json
 import os
@@ -18,50 +18,18 @@ import torch
 import yaml
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
+import config
 import store as store_lib
 import train
 from diffusion import GaussianDiffusion
+from export import load_export
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "train.py")
 
 
-def make_store(path, n=48, size=16, classes=4, mode="pixels", flip=False):
-    """A store in store.py's format. Pixels: class c = a colour and a stripe direction, so a model can
-    learn it (and its loss can fall) in a few dozen steps. Latents: random posterior mean/std [4, s/8, s/8]."""
-    path.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    labels = rng.integers(0, classes, n).astype(np.int64)
-    if mode == "pixels":
-        yy, xx = np.mgrid[:size, :size]
-        images = np.empty((n, size, size, 3), np.uint8)
-        for i, c in enumerate(labels):
-            stripes = ((xx if c % 2 else yy) // 2 % 2) * 120
-            images[i] = np.stack([stripes + 60 * c, 200 - stripes, 40 * c + 20 * (xx > size // 2)], -1)
-        arrays, shape = {"images": images}, [3, size, size]
-    else:
-        shape = [4, size // 8, size // 8]
-        arrays = {"mean": rng.standard_normal((n, *shape)).astype(np.float32),
-                  "std": rng.uniform(0.1, 1.0, (n, *shape)).astype(np.float32)}
-    if flip:   # orientation axis after N: 0 = original, 1 = flipped
-        arrays = {k: np.stack([a, a[..., ::-1, :] if k == "images" else a[..., ::-1]], 1) for k, a in arrays.items()}
-    arrays["labels"] = labels
-    files = {k: f"0-{n}.{k}.npy" for k in arrays}
-    for kind, array in arrays.items():
-        np.save(path / files[kind], array)
-    shard = {"count": n, "files": files, "sha256": {k: store_lib.sha256_file(path / f) for k, f in files.items()}}
-    manifest = {"format": store_lib.FORMAT, "version": store_lib.VERSION, "mode": mode, "count": n,
-                "image_size": size, "shape": shape, "dtype": "uint8" if mode == "pixels" else "float32",
-                "flip": flip, "num_classes": classes, "class_names": [f"class{i}" for i in range(classes)],
-                "vae": None if mode == "pixels" else "test-vae", "scale_factor": None if mode == "pixels" else 0.18215,
-                "skipped": [], "checksum": store_lib.combined_checksum([shard]), "tool_version": "test",
-                "source": "test", "shards": [shard]}
-    (path / "manifest.json").write_text(json.dumps(manifest))
-    return path
-
-
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
+def data(make_store, tmp_path_factory):
     return make_store(tmp_path_factory.mktemp("store") / "pixels")
 
 
@@ -78,15 +46,17 @@ def tiny_args(data, results, name, *sets):
     return [a for s in base + list(sets) for a in ("--set", s)]
 
 
-def launch(args, nproc, env=None, torchrun_args=(), check=True):
-    """Run train.py as a world of `nproc` (plain python for 1, torchrun otherwise)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+def command(args, nproc, torchrun_args=()):
+    """train.py as a world of `nproc` (plain python for 1, torchrun otherwise)."""
     if nproc == 1 and not torchrun_args:
-        cmd = [sys.executable, TRAIN, *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-               *(torchrun_args or [f"--master-port={free_port()}"]), TRAIN, *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        return [sys.executable, TRAIN, *args]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+            *(torchrun_args or [f"--master-port={free_port()}"]), TRAIN, *args]
+
+
+def launch(args, nproc, check=True):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(command(args, nproc), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -155,38 +125,73 @@ def test_resume_is_bitwise_exact(data, one_rank, tmp_path):
 
 @pytest.fixture(scope="module")
 def straight(data, tmp_path_factory):
-    """4 steps on 2 ranks in one go, label dropout on."""
+    """6 steps on 2 ranks in one go, label dropout on."""
     results = tmp_path_factory.mktemp("straight")
-    launch(tiny_args(data, results, "run", "train.steps=4", "model.class_dropout_prob=0.5"), 2)
+    launch(tiny_args(data, results, "run", "train.steps=6", "model.class_dropout_prob=0.5"), 2)
     return results / "run"
 
 
+def worker_pids(parent):
+    """{rank: pid} of the processes `parent` (torchrun) started with a RANK in their environment."""
+    workers = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])   # after "pid (comm) state"
+            if ppid != parent:
+                continue
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+        except OSError:   # the process ended meanwhile
+            continue
+        if b"RANK" in env:
+            workers[int(env[b"RANK"])] = int(entry)
+    return workers
+
+
 def test_killed_worker_restarts_and_resumes(data, straight, tmp_path):
-    """Rank 1 dies before step 3; torchrun restarts both workers, which resume from the step-2
-    checkpoint and finish with exactly the straight run's state.
+    """Rank 1 is killed (SIGKILL, from outside) once the step-2 checkpoint is complete; torchrun restarts
+    both workers, which resume from their newest complete checkpoint and finish with exactly the straight
+    run's state.
     Rendezvous is c10d, as for real restarts: with the static one (--master-port) the restarted gloo
     group often reads the dead round's peer address from torchrun's store and fails with "connection
     refused" (torch 2.14; pytorch/pytorch#135712, #167288), hence also TORCH_DISABLE_SHARE_RDZV_TCP_STORE."""
-    proc = launch(tiny_args(data, tmp_path, "run", "train.steps=4", "model.class_dropout_prob=0.5"), 2,
-                  env={train.CRASH_ENV: "2", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"},
+    cmd = command(tiny_args(data, tmp_path, "run", "train.steps=6", "model.class_dropout_prob=0.5"), 2,
                   torchrun_args=["--rdzv-backend=c10d", f"--rdzv-endpoint=localhost:{free_port()}", "--max-restarts=1"])
-    assert (tmp_path / "run" / "crashed-once").exists()
-    assert "resumed from" in proc.stdout + proc.stderr
-    assert max_diff(load_dcp(straight, 4, tmp_path), load_dcp(tmp_path / "run", 4, tmp_path),
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    log = tmp_path / "torchrun.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            marker, deadline = tmp_path / "run" / "checkpoints" / "step-0000002" / ".metadata", time.time() + 200
+            while not marker.exists() and proc.poll() is None and time.time() < deadline:
+                time.sleep(0.01)
+            assert marker.exists(), log.read_text()[-3000:]
+            os.kill(worker_pids(proc.pid)[1], signal.SIGKILL)
+            proc.wait(timeout=300)
+        finally:
+            proc.kill()
+    output = log.read_text()
+    assert proc.returncode == 0 and "resumed from" in output, output[-3000:]
+    assert max_diff(load_dcp(straight, 6, tmp_path), load_dcp(tmp_path / "run", 6, tmp_path),
                     {"model", "ema", "optim", "rng"}) == 0
     steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4]   # no step logged twice across the restart
+    assert steps == [1, 2, 3, 4, 5, 6]   # no step logged twice across the restart
 
 
 def test_export_format(one_rank):
-    """The single-file export: plain dicts, models.py's keys, loadable with weights_only=True."""
-    ckpt = torch.load(one_rank / "checkpoints" / "step-0000004.pt", weights_only=True)
+    """The single-file export: plain dicts with models.py's keys, loadable with weights_only=True, and
+    read back by export.load_export as the trained EMA weights and the run's diffusion."""
+    path = one_rank / "checkpoints" / "step-0000004.pt"
+    ckpt = torch.load(path, weights_only=True)
     args = ckpt["args"]
-    model = train.ALL_MODELS[args["model"]["name"]](**{k: v for k, v in args["model"].items() if k != "name"})
-    assert list(ckpt["model"]) == list(model.state_dict())
-    model.load_state_dict(ckpt["ema"])
     assert args["step"] == 4 and args["data"]["mode"] == "pixels" and args["diffusion"]["weighting"] == "min_snr"
-    assert args["config"]["model"]["name"] == "DiT-Ti/4"
+    assert args["config"]["model"]["name"] == "DiT-Ti/4" and args["data"]["class_names"] == [f"class{i}" for i in range(4)]
+    loaded = load_export(path)
+    assert list(ckpt["model"]) == list(loaded.model.state_dict())
+    assert all(torch.equal(v, ckpt["ema"][k]) for k, v in loaded.model.state_dict().items())
+    assert not all(torch.equal(ckpt["model"][k], ckpt["ema"][k]) for k in ckpt["model"])
+    assert (loaded.diffusion.target, loaded.diffusion.weighting, loaded.vae) == ("eps", "min_snr", None)
     kept = sorted(p.name for p in (one_rank / "checkpoints").iterdir())
     assert kept == [f"step-{s:07d}" for s in (1, 2, 3, 4)] + ["step-0000004.pt"]
 
@@ -230,30 +235,29 @@ def test_non_finite_loss_stops_with_clear_error(data, tmp_path):
     (["data.mode=latents"], "holds pixels, but latents were asked for"),
     (["train.global_batch_size=7", "train.grad_accum=2"], "not divisible by world size 1 x train.grad_accum 2"),
 ])
-def test_bad_config_and_store_give_one_line_errors(data, tmp_path, capsys, monkeypatch, sets, message):
+def test_bad_config_and_store_give_one_line_errors(data, tmp_path, capsys, sets, message):
     """Checked in-process (no training starts): one line on stderr, exit status 1."""
     args = tiny_args(data, tmp_path, "run") + [a for s in sets for a in ("--set", s)]
-    monkeypatch.setattr(sys, "argv", ["train.py", *args])
     with pytest.raises(SystemExit) as exit_info:
-        train.main()
+        train.main(args)
     assert exit_info.value.code == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("train.py: error: ") and message in err, err
 
 
-def test_batches_from_latent_and_pixel_stores(data, tmp_path):
+def test_batches_from_latent_and_pixel_stores(data, make_store, tmp_path):
     """Latents: x0 = (mean + std·noise)·scale_factor from the stored orientation the flip picks.
     Pixels without stored flips: flipped here, exactly."""
     latents = store_lib.open_store(make_store(tmp_path / "latents", n=6, mode="latents", flip=True))
-    mean, std = (np.load(tmp_path / "latents" / f"0-6.{k}.npy") for k in ("mean", "std"))
+    mean, std = (np.load(tmp_path / "latents" / f"00000000-00000006.{k}.npy") for k in ("mean", "std"))
     noise = torch.randn(2, 4, 2, 2)
-    x0, y = train.load_x0(latents, np.array([3, 1]), torch.tensor([False, True]), noise)
+    x0, y = latents.read_model(np.array([3, 1]), torch.tensor([False, True]), noise)
     expected = torch.stack([torch.from_numpy(mean[3, 0] + std[3, 0] * noise[0].numpy()),
                             torch.from_numpy(mean[1, 1] + std[1, 1] * noise[1].numpy())]) * 0.18215
     torch.testing.assert_close(x0, expected)
     assert torch.equal(y, torch.from_numpy(latents.labels[[3, 1]]))
     pixels = store_lib.open_store(data)
-    x0, _ = train.load_x0(pixels, np.array([5, 5]), torch.tensor([False, True]), None)
+    x0, _ = pixels.read_model(np.array([5, 5]), torch.tensor([False, True]))
     assert torch.equal(x0[1], x0[0].flip(-1)) and not torch.equal(x0[0], x0[1])
 
 
@@ -267,37 +271,40 @@ def test_data_order_does_not_depend_on_world_size():
     assert not np.array_equal(train.sample_indices(3, 10, 0, 10), train.sample_indices(3, 10, 10, 10))
 
 
-def test_resume_with_another_model_is_one_line_error(one_rank, tmp_path, capsys, monkeypatch):
+def test_resume_with_another_model_is_one_line_error(one_rank, make_store, tmp_path, capsys):
     """A run directory with checkpoints refuses a model of another shape (here: from a store with other
     classes and size) instead of failing inside DCP."""
     other = make_store(tmp_path / "other", n=8, size=32, classes=3)
     args = tiny_args(other, one_rank.parent, one_rank.name)
-    monkeypatch.setattr(sys, "argv", ["train.py", *args])
     with pytest.raises(SystemExit):
-        train.main()
+        train.main(args)
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "holds checkpoints of model" in err and "another run.name" in err, err
 
 
-def test_config_precedence_and_saved_config(tmp_path):
-    config = tmp_path / "exp.yaml"
-    config.write_text("optim:\n  lr: 3e-4\n  betas: [0.99, 0.99]\ntrain:\n  steps: 7\n")
-    cfg, name = train.load_config(["--config", str(config), "--set", "train.steps=9"])
-    assert name == "exp" and cfg["optim"]["lr"] == 3e-4 and cfg["optim"]["betas"] == [0.99, 0.99]
+def test_config_precedence_and_print_config(tmp_path, capsys):
+    """DEFAULTS <- YAML <- --set, and --print-config shows exactly the resolved config."""
+    path = tmp_path / "exp.yaml"
+    path.write_text("optim:\n  lr: 3e-4\n  betas: [0.99, 0.99]\ntrain:\n  steps: 7\n")
+    cfg = config.load_config(train.DEFAULTS, path, ["train.steps=9"])
+    assert cfg["optim"]["lr"] == 3e-4 and cfg["optim"]["betas"] == [0.99, 0.99]
     assert cfg["train"]["steps"] == 9 and cfg["optim"]["weight_decay"] == 0.0
-    shipped = sorted((ROOT / "configs").glob("*.yaml"))
-    assert len(shipped) >= 5
+    assert train.DEFAULTS["train"]["steps"] == 1000   # the defaults themselves are never modified
+    train.main(["--config", str(path), "--set", "train.steps=9", "--print-config"])
+    assert yaml.safe_load(capsys.readouterr().out) == cfg
+    shipped = sorted((ROOT / "configs").glob("*.yaml")) + [ROOT / "experiments" / "configs" / "study.yaml"]
+    assert len(shipped) >= 6
     for path in shipped:   # every shipped config parses and names its loss explicitly
-        train.load_config(["--config", str(path)])
-        named = train.flatten(yaml.safe_load(path.read_text()))
+        train.validate(config.load_config(train.DEFAULTS, path))
+        named = config.flatten(yaml.safe_load(path.read_text()))
         assert {"diffusion.weighting", "diffusion.gamma", "diffusion.target", "diffusion.schedule"} <= set(named)
 
 
 def test_malformed_yaml_config_is_a_config_error(tmp_path):
-    config = tmp_path / "broken.yaml"
-    config.write_text("optim:\n  betas: [0.9,\n")
-    with pytest.raises(train.ConfigError, match=r"broken.yaml is not valid YAML \(line 3"):
-        train.load_config(["--config", str(config)])
+    path = tmp_path / "broken.yaml"
+    path.write_text("optim:\n  betas: [0.9,\n")
+    with pytest.raises(config.ConfigError, match=r"broken.yaml is not valid YAML \(line 3"):
+        config.load_config(train.DEFAULTS, path)
 
 
 def test_quickstart_config_trains_and_loss_falls(data, tmp_path):
