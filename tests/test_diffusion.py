@@ -460,19 +460,21 @@ def test_clip_denoised_bounds_the_prediction():
         assert x.max().item() > 2.0
 
 
-def test_guided_model_fn():
-    calls = []
-
-    class Fake:
-        def __call__(self, x, t, y):
-            calls.append(("plain", y))
-            return x
-
-        def forward_with_cfg(self, x, t, y, cfg_scale, guide_channels):
-            calls.append(("cfg", cfg_scale, guide_channels))
-            return x
-
-    y = torch.tensor([1, 2])
-    guided_model_fn(Fake(), y, 1.0)(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long))
-    guided_model_fn(Fake(), y, 1.5, guide_channels=3)(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long))
-    assert calls[0] == ("plain", y) and calls[1] == ("cfg", 1.5, 3)
+def test_guided_model_fn_is_classifier_free_guidance():
+    """Scale 1 is the plain conditional model; scale s is uncond + s·(cond − uncond) from two separate
+    forwards (null label = num_classes), on all channels or, with guide_channels=3, DiT's first 3 only."""
+    from models import ALL_MODELS
+    torch.manual_seed(0)
+    model = ALL_MODELS["DiT-Ti/4"](input_size=8, in_channels=4, num_classes=5, learn_sigma=True).eval()
+    with torch.no_grad():
+        for p in model.parameters():   # adaLN-Zero outputs 0 at init: give the output something to guide
+            p.add_(0.05 * torch.randn_like(p))
+        x, t, y = torch.randn(3, 4, 8, 8), torch.tensor([10, 500, 999]), torch.tensor([0, 2, 4])
+        cond, uncond = model(x, t, y), model(x, t, torch.full_like(y, 5))
+        torch.testing.assert_close(guided_model_fn(model, y, 1.0)(x, t), cond)
+        want = cond.clone()
+        want[:, :4] = uncond[:, :4] + 2.5 * (cond[:, :4] - uncond[:, :4])   # the variance channels stay cond
+        torch.testing.assert_close(guided_model_fn(model, y, 2.5)(x, t), want, rtol=1e-4, atol=1e-5)
+        want[:, 3] = cond[:, 3]
+        torch.testing.assert_close(guided_model_fn(model, y, 2.5, guide_channels=3)(x, t), want, rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(cond, uncond)
