@@ -36,7 +36,14 @@ def init_distributed() -> World:
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         if "WORLD_SIZE" in os.environ:
-            dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+            # torchrun's env:// store, with every key under this restart's own prefix: torchrun (c10d
+            # rendezvous) keeps one TCP store across worker restarts, and without the prefix restarted
+            # workers can read the dead round's peer addresses ("Gloo connectFullMesh failed ...
+            # Connection refused"), which made `--max-restarts` recover only some of the time.
+            store, _, _ = next(dist.rendezvous("env://"))
+            store = dist.PrefixStore(f"restart{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
+                                    device_id=device if device.type == "cuda" else None)
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return World(rank, world_size, local_rank, device)

@@ -30,12 +30,13 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import yaml
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 
-from config import ConfigError, load_config
+from config import ConfigError, flatten, load_config
 from diffusion import GaussianDiffusion
 from distributed import atomic_write, barrier, cleanup_distributed, init_distributed, seed_for
 from export import save_export
@@ -230,12 +231,17 @@ def forward_backward(model, diffusion, micro_batches, num_buckets):
 # Checkpoints
 
 
+def step_dirs(run_dir):
+    """Sharded checkpoint directories step-XXXXXXX, complete or not, oldest first (set-aside damaged
+    ones, step-XXXXXXX.damaged, are not among them)."""
+    found = (run_dir / "checkpoints").glob("step-*")
+    return sorted((p for p in found if p.is_dir() and re.fullmatch(r"step-\d{7}", p.name)), key=lambda p: p.name)
+
+
 def checkpoint_dirs(run_dir):
     """Complete sharded checkpoints, oldest first: a directory counts once DCP has written .metadata
-    (it does so last)."""
-    root = run_dir / "checkpoints"
-    found = [p for p in root.glob("step-*") if p.is_dir() and re.fullmatch(r"step-\d{7}", p.name)]
-    return sorted((p for p in found if (p / ".metadata").exists()), key=lambda p: p.name)
+    (it does so last). Complete is not the same as loadable: see resume."""
+    return [p for p in step_dirs(run_dir) if (p / ".metadata").exists()]
 
 
 def rng_state(device):
@@ -264,8 +270,8 @@ def save_checkpoint(run_dir, model, ema, optimizer, step, samples_seen, world, k
     barrier()
     if world.is_main:   # keep the newest `keep_last`; drop everything older, complete or not
         kept = checkpoint_dirs(run_dir)[-keep_last:]
-        for old in (run_dir / "checkpoints").glob("step-*"):
-            if old.is_dir() and old.name < kept[0].name:
+        for old in step_dirs(run_dir):
+            if old.name < kept[0].name:
                 shutil.rmtree(old)
 
 
@@ -351,23 +357,73 @@ STOP = {"requested": False}
 
 
 def request_stop(signum, frame):
-    """First SIGTERM/SIGINT: finish the step, save, exit 0. A second one acts as usual."""
+    """SIGTERM/SIGINT: finish the step, save, exit 0. Further SIGTERMs change nothing: a job scheduler
+    signals the whole process group and torchrun forwards its own SIGTERM too, so a worker gets two,
+    and the second must not kill the save (torchrun sends SIGKILL after its own grace period). A second
+    Ctrl-C interrupts as usual."""
     STOP["requested"] = True
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def check_resumable(run_dir, margs):
-    """A run directory with checkpoints can only be resumed by a model of the same shape: say so in
-    one line instead of a DCP size-mismatch traceback."""
-    saved = run_dir / "model.json"
-    if not (checkpoint_dirs(run_dir) and saved.exists()):
+def run_settings(margs, dargs, store):
+    """What the weights of a run mean, as dotted keys: the model, the whole diffusion, the data space.
+    Recorded in <run>/run.json; a run resumes only under the same values (steps, batch, world size,
+    logging and checkpoint cadence may change)."""
+    return flatten({"model": margs, "diffusion": dargs,
+                    "data": {"mode": store.manifest["mode"], "image_size": store.manifest["image_size"]}})
+
+
+def check_resumable(run_dir, settings):
+    """A run directory that holds checkpoints or exports continues only under its recorded settings:
+    one line naming the first changed key and both values, before anything in it is touched."""
+    recorded = run_dir / "run.json"
+    if not (recorded.exists() and any((run_dir / "checkpoints").glob("step-*"))):
         return
-    shape_keys = ("name", "input_size", "in_channels", "num_classes", "learn_sigma")
-    before, now = json.loads(saved.read_text()), {k: margs[k] for k in shape_keys}
-    if {k: before.get(k) for k in shape_keys} != now:
-        fail(f"{run_dir} holds checkpoints of model {before}, but this config and data store give {now}: "
-             f"resume with the same model and store, or choose another run.name")
+    before = json.loads(recorded.read_text())
+    for key in sorted(before.keys() | settings.keys()):
+        if before.get(key) != settings.get(key):
+            fail(f"{run_dir} was trained with {key}={before.get(key)!r}, this config and data store give "
+                 f"{settings.get(key)!r}: resume with the run's settings ({recorded}), or choose another run.name")
+
+
+def one_line(error):
+    """'Type: first line' of an exception; for DCP's CheckpointException, of the first rank's cause."""
+    if isinstance(error, CheckpointException):
+        error = next(iter(error.failures.values()))[0]
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:200]}" if text else type(error).__name__
+
+
+def load_newest(run_dir, model, ema, optimizer, world):
+    """Restore the newest complete checkpoint that loads. One that does not (a shard or .metadata cut
+    short by a dead node or a full disk) is reported, set aside as step-XXXXXXX.damaged (never deleted)
+    and the previous one tried. Returns (step, samples_seen, path), or None when there is nothing to
+    resume; refuses to start over when all there was is damaged."""
+    for path in reversed(checkpoint_dirs(run_dir)):
+        try:
+            step, samples_seen = load_checkpoint(path, model, ema, optimizer, world)
+            error = None
+        except (Exception, CheckpointException) as e:  # DCP's (a BaseException) comes on every rank
+            error = e
+        failed = torch.tensor([float(error is not None)], device=world.device)
+        dist.all_reduce(failed)   # all ranks set the same checkpoint aside, even if only one failed
+        if failed.item() == 0:
+            return step, samples_seen, path
+        aside = path.with_name(path.name + ".damaged")
+        if world.is_main:
+            n = 1
+            while aside.exists():
+                n += 1
+                aside = path.with_name(f"{path.name}.damaged{n}")
+            path.rename(aside)
+            reason = one_line(error) if error else "it failed on another rank"
+            print(f"train.py: {path.name} does not load ({reason}); set aside as {aside.name}", flush=True)
+        barrier()
+    damaged = sorted(p.name for p in (run_dir / "checkpoints").glob("step-*.damaged*"))
+    if damaged:
+        fail(f"no checkpoint of {run_dir} loads (set aside: {', '.join(damaged)}): move them out of "
+             f"{run_dir / 'checkpoints'} to start this run over, or choose another run.name")
+    return None
 
 
 def fail(message):
@@ -399,7 +455,13 @@ def main(argv=None):
         fail(str(e))
     run_dir = Path(cfg["run"]["results_dir"]) / run_name
     margs = model_args(cfg, store)
-    check_resumable(run_dir, margs)
+    dargs = {**cfg["diffusion"], "learn_sigma": cfg["model"]["learn_sigma"]}
+    try:
+        diffusion = GaussianDiffusion(**dargs)
+    except ValueError as e:
+        fail(str(e))
+    settings = run_settings(margs, dargs, store)
+    check_resumable(run_dir, settings)
     world = init_distributed()
     if world.device.type == "cuda":
         torch.set_float32_matmul_precision("high")   # TF32 for fp32 matmuls, as DiT trains
@@ -410,11 +472,6 @@ def main(argv=None):
              f"x train.grad_accum {accum}")
     local_batch, micro = batch // world.world_size, batch // world.world_size // accum
 
-    dargs = {**cfg["diffusion"], "learn_sigma": cfg["model"]["learn_sigma"]}
-    try:
-        diffusion = GaussianDiffusion(**dargs)
-    except ValueError as e:
-        fail(str(e))
     export_args = {"config": cfg, "model_args": margs, "diffusion_args": dargs,
                    "data": {"mode": store.manifest["mode"], "image_size": store.manifest["image_size"],
                             "vae": store.manifest.get("vae"), "scale_factor": store.manifest.get("scale_factor"),
@@ -422,7 +479,7 @@ def main(argv=None):
     if world.is_main:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         atomic_write(run_dir / "config.yaml", lambda f: f.write(yaml.safe_dump(cfg, sort_keys=False).encode()))
-        atomic_write(run_dir / "model.json", lambda f: f.write(json.dumps(margs).encode()))
+        atomic_write(run_dir / "run.json", lambda f: f.write(json.dumps(settings, indent=1).encode()))
     barrier()
 
     model, ema = build_models(cfg, margs, world.device)
@@ -431,12 +488,12 @@ def main(argv=None):
     # flips and label dropout come from step_randomness, so they do not depend on the world size.
     torch.manual_seed(seed_for(seed, RANK_STREAM, world.rank))
     step, samples_seen = 0, 0
-    complete = checkpoint_dirs(run_dir)
-    if complete:
-        step, samples_seen = load_checkpoint(complete[-1], model, ema, optimizer, world)
+    resumed = load_newest(run_dir, model, ema, optimizer, world)
+    if resumed:
+        step, samples_seen, path = resumed
         if world.is_main:
             truncate_metrics(run_dir / "metrics.jsonl", step)
-            print(f"train.py: resumed from {complete[-1]} (step {step})", flush=True)
+            print(f"train.py: resumed from {path} (step {step})", flush=True)
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)

@@ -5,6 +5,7 @@ pixel store (conftest.make_store), with a tiny DiT (DiT-Ti/4 at 16x16, 16 tokens
 """
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -125,9 +126,9 @@ def test_resume_is_bitwise_exact(data, one_rank, tmp_path):
 
 @pytest.fixture(scope="module")
 def straight(data, tmp_path_factory):
-    """6 steps on 2 ranks in one go, label dropout on."""
+    """8 steps on 2 ranks in one go, label dropout on."""
     results = tmp_path_factory.mktemp("straight")
-    launch(tiny_args(data, results, "run", "train.steps=6", "model.class_dropout_prob=0.5"), 2)
+    launch(tiny_args(data, results, "run", "train.steps=8", "model.class_dropout_prob=0.5"), 2)
     return results / "run"
 
 
@@ -149,34 +150,122 @@ def worker_pids(parent):
     return workers
 
 
-def test_killed_worker_restarts_and_resumes(data, straight, tmp_path):
-    """Rank 1 is killed (SIGKILL, from outside) once the step-2 checkpoint is complete; torchrun restarts
-    both workers, which resume from their newest complete checkpoint and finish with exactly the straight
-    run's state.
-    Rendezvous is c10d, as for real restarts: with the static one (--master-port) the restarted gloo
-    group often reads the dead round's peer address from torchrun's store and fails with "connection
-    refused" (torch 2.14; pytorch/pytorch#135712, #167288), hence also TORCH_DISABLE_SHARE_RDZV_TCP_STORE."""
-    cmd = command(tiny_args(data, tmp_path, "run", "train.steps=6", "model.class_dropout_prob=0.5"), 2,
-                  torchrun_args=["--rdzv-backend=c10d", f"--rdzv-endpoint=localhost:{free_port()}", "--max-restarts=1"])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+def test_killed_workers_restart_and_resume_every_time(data, straight, tmp_path):
+    """The README's restart recipe (c10d rendezvous, --max-restarts), nothing else set: a worker is
+    SIGKILLed from outside five times in a row, alternately rank 1 and rank 0, each time once a newer
+    checkpoint is complete; torchrun restarts both workers each time, they resume from their newest
+    complete checkpoint and finish with exactly the straight run's state."""
+    cmd = command(tiny_args(data, tmp_path, "run", "train.steps=8", "model.class_dropout_prob=0.5"), 2,
+                  torchrun_args=["--rdzv-backend=c10d", f"--rdzv-endpoint=localhost:{free_port()}", "--max-restarts=5"])
     log = tmp_path / "torchrun.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=out,
+                                stderr=subprocess.STDOUT)
         try:
-            marker, deadline = tmp_path / "run" / "checkpoints" / "step-0000002" / ".metadata", time.time() + 200
-            while not marker.exists() and proc.poll() is None and time.time() < deadline:
-                time.sleep(0.01)
-            assert marker.exists(), log.read_text()[-3000:]
-            os.kill(worker_pids(proc.pid)[1], signal.SIGKILL)
+            for kill, step in enumerate(range(2, 7)):
+                marker, deadline = tmp_path / "run" / "checkpoints" / f"step-{step:07d}" / ".metadata", time.time() + 200
+                while not marker.exists() and proc.poll() is None and time.time() < deadline:
+                    time.sleep(0.01)
+                workers = worker_pids(proc.pid)
+                assert marker.exists() and len(workers) == 2, log.read_text()[-3000:]
+                os.kill(workers[1 - kill % 2], signal.SIGKILL)
+                while proc.poll() is None and set(worker_pids(proc.pid).values()) & set(workers.values()):
+                    time.sleep(0.01)   # until torchrun has replaced both workers
             proc.wait(timeout=300)
         finally:
             proc.kill()
     output = log.read_text()
-    assert proc.returncode == 0 and "resumed from" in output, output[-3000:]
-    assert max_diff(load_dcp(straight, 6, tmp_path), load_dcp(tmp_path / "run", 6, tmp_path),
+    assert proc.returncode == 0 and output.count("resumed from") >= 5, output[-3000:]
+    assert max_diff(load_dcp(straight, 8, tmp_path), load_dcp(tmp_path / "run", 8, tmp_path),
                     {"model", "ema", "optim", "rng"}) == 0
     steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4, 5, 6]   # no step logged twice across the restart
+    assert steps == list(range(1, 9))   # no step logged twice across the restarts
+
+
+def test_sigterm_to_torchrun_saves_without_our_traceback(data, tmp_path):
+    """SIGTERM to the launcher: torchrun forwards it, both workers finish their step, save and exit 0;
+    the only traceback is torchrun's own SignalException (it exits 1), none from train.py."""
+    cmd = command(tiny_args(data, tmp_path, "run", "train.steps=100000", "checkpoint.every=100000"), 2)
+    log, metrics = tmp_path / "torchrun.log", tmp_path / "run" / "metrics.jsonl"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=out,
+                                stderr=subprocess.STDOUT)
+        try:
+            deadline = time.time() + 200
+            while not (metrics.exists() and metrics.read_text().strip()) and time.time() < deadline:
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=120)
+        finally:
+            proc.kill()
+    output = log.read_text()
+    last = json.loads(metrics.read_text().splitlines()[-1])["step"]
+    saved = train.checkpoint_dirs(tmp_path / "run")
+    assert [p.name for p in saved] == [f"step-{last:07d}"], output[-3000:]
+    assert output.count(f"stopped by signal after step {last}; checkpoint saved") == 1   # rank 0 says it
+    assert "train.py\"" not in output and "SignalException" in output, output[-3000:]
+
+
+def copy_run(run, results):
+    """A copy of a finished run directory under `results`, same run name."""
+    shutil.copytree(run, results / run.name)
+    return results / run.name
+
+
+@pytest.mark.parametrize("damage", ["truncated shard", "truncated metadata", "missing metadata"])
+def test_damaged_newest_checkpoint_falls_back(data, one_rank, tmp_path, damage):
+    """The newest checkpoint cut short (as a dying node or a full disk leaves it): the run says so in one
+    line, sets it aside (renamed, kept), resumes from the previous one and ends bit-equal to the run that
+    was never damaged. Without .metadata a checkpoint is simply incomplete: skipped, then overwritten."""
+    run = copy_run(one_rank, tmp_path)
+    newest = run / "checkpoints" / "step-0000004"
+    victim = {"truncated shard": newest / "__0_0.distcp", "truncated metadata": newest / ".metadata",
+              "missing metadata": newest / ".metadata"}[damage]
+    if damage == "missing metadata":
+        victim.unlink()
+    else:
+        victim.write_bytes(victim.read_bytes()[:victim.stat().st_size // 2])
+    proc = launch(tiny_args(data, tmp_path, "run", "train.steps=4", "model.class_dropout_prob=0.5"), 1)
+    notes = [ln for ln in proc.stdout.splitlines() if "does not load" in ln]
+    assert "resumed from" in proc.stdout and "step-0000003 (step 3)" in proc.stdout, proc.stdout
+    if damage == "missing metadata":
+        assert not notes and not (run / "checkpoints" / "step-0000004.damaged").exists()
+    else:
+        assert len(notes) == 1 and "set aside as step-0000004.damaged" in notes[0], proc.stdout
+        assert (run / "checkpoints" / "step-0000004.damaged" / victim.name).stat().st_size > 0
+    assert max_diff(load_dcp(one_rank, 4, tmp_path), load_dcp(run, 4, tmp_path),
+                    {"model", "ema", "optim", "rng", "progress"}) == 0
+
+
+def test_no_loadable_checkpoint_is_one_line_error(data, one_rank, tmp_path, capsys):
+    run = copy_run(one_rank, tmp_path)
+    for checkpoint in train.checkpoint_dirs(run):
+        (checkpoint / ".metadata").write_bytes(b"\x80")   # a pickle cut after one byte
+    with pytest.raises(SystemExit):
+        train.main(tiny_args(data, tmp_path, "run", "train.steps=4", "model.class_dropout_prob=0.5"))
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no checkpoint of" in err and "step-0000001.damaged" in err, err
+    assert not train.checkpoint_dirs(run) and len(list((run / "checkpoints").glob("*.damaged"))) == 4
+    with pytest.raises(SystemExit):   # and it does not quietly start over on the next try either
+        train.main(tiny_args(data, tmp_path, "run", "train.steps=4", "model.class_dropout_prob=0.5"))
+
+
+@pytest.mark.parametrize("change, key, before, after", [
+    ("diffusion.target=x0", "diffusion.target", "'eps'", "'x0'"),
+    ("diffusion.schedule=cosine", "diffusion.schedule", "'linear'", "'cosine'"),
+    ("model.learn_sigma=true", "diffusion.learn_sigma", "False", "True"),
+])
+def test_changed_settings_are_refused_and_nothing_changes(data, one_rank, tmp_path, capsys, change, key,
+                                                          before, after):
+    """Re-running (or resuming) a run under settings that change what its weights mean is one line
+    naming the key and both values; every file of the run directory stays as it was."""
+    run = copy_run(one_rank, tmp_path)
+    files = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit):
+        train.main(tiny_args(data, tmp_path, "run", "train.steps=4", "model.class_dropout_prob=0.5", change))
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{key}={before}" in err and f"give {after}" in err, err
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == files
 
 
 def test_export_format(one_rank):
@@ -275,11 +364,11 @@ def test_resume_with_another_model_is_one_line_error(one_rank, make_store, tmp_p
     """A run directory with checkpoints refuses a model of another shape (here: from a store with other
     classes and size) instead of failing inside DCP."""
     other = make_store(tmp_path / "other", n=8, size=32, classes=3)
-    args = tiny_args(other, one_rank.parent, one_rank.name)
+    args = tiny_args(other, one_rank.parent, one_rank.name, "model.class_dropout_prob=0.5")
     with pytest.raises(SystemExit):
         train.main(args)
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "holds checkpoints of model" in err and "another run.name" in err, err
+    assert len(err.splitlines()) == 1 and "was trained with data.image_size=16" in err and "another run.name" in err, err
 
 
 def test_config_precedence_and_print_config(tmp_path, capsys):
