@@ -1,6 +1,8 @@
 """What train.py, sample.py and extract_latents.py share: process-group setup under torchrun
 (or a world of one under plain `python`), seeds that do not depend on the world size, and writing
-files so that a crash never leaves a half-written file under the final name."""
+files so that a crash never leaves a half-written file under the final name, and a full disk is
+named as such."""
+import errno
 import os
 from dataclasses import dataclass
 
@@ -65,9 +67,35 @@ def seed_for(*keys):
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0])
 
 
+# Below this many free bytes a file system counts as full. A write fails when the next block cannot
+# be allocated, so at that moment a little space is usually still free (part of a block, space held
+# back for metadata); and a disk this close to full could not take the next file anyway.
+DISK_FULL_MARGIN = 1 << 20
+
+
+class DiskFullError(OSError):
+    """A write failed because its file system is full; str() is one line naming the file."""
+
+    def __str__(self):
+        return self.strerror or super().__str__()
+
+
+def disk_full(path) -> bool:
+    """Whether the file system holding `path` (or its nearest existing parent) has (almost) no space
+    left for us: f_bavail, the blocks a process without root's reserve may use, below DISK_FULL_MARGIN."""
+    path = os.path.abspath(os.fspath(path))
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize < DISK_FULL_MARGIN
+
+
 def atomic_write(path, write):
     """Call `write(f)` on a binary file object opened on a temporary name beside `path`, then
-    rename it to `path`. A reader (or a resumed run) sees the whole file or no file."""
+    rename it to `path`. A reader (or a resumed run) sees the whole file or no file.
+
+    Any failure on a full disk is a DiskFullError: the writers do not say so themselves (numpy's short
+    write raises OSError without an errno, torch.save a RuntimeError)."""
     path = os.fspath(path)
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
@@ -76,6 +104,12 @@ def atomic_write(path, write):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except Exception as e:
+        # Asked while the temp file still holds its space: removing it would make the disk look free.
+        if getattr(e, "errno", None) == errno.ENOSPC or disk_full(tmp):
+            raise DiskFullError(errno.ENOSPC, f"disk full while writing {path}") from e
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+

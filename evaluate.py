@@ -36,7 +36,7 @@ from pytorch_fid.inception import FIDInceptionA, FIDInceptionC, FIDInceptionE_1,
 from torchvision.models.inception import BasicConv2d, InceptionB, InceptionD
 from tqdm import tqdm
 
-from distributed import atomic_write
+from distributed import DiskFullError, atomic_write
 from store import IMAGE_EXTENSIONS, StoreError, open_rgb, open_store, sha256_file
 
 INCEPTION_SIZE = 299
@@ -499,7 +499,7 @@ def main(argv=None):
         parser.error("nothing to do: give --ref to evaluate, --save-stats to save statistics, or both")
     try:
         run(args)
-    except EvalError as e:
+    except (EvalError, DiskFullError) as e:
         sys.exit(f"evaluate.py: error: {e}")
 
 

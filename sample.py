@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from diffusion import generate
-from distributed import atomic_write, barrier, cleanup_distributed, init_distributed
+from distributed import DiskFullError, atomic_write, barrier, cleanup_distributed, init_distributed
 from export import DIT_DEFAULTS, ExportError, load_export
 from store import StoreError, load_vae, model_to_images, save_grid
 
@@ -56,9 +56,17 @@ def write_npz(f, shard_paths, shard_sizes, image_shape):
                     member.write(np.ascontiguousarray(array).data)
 
 
-@torch.no_grad()
 def main(argv=None):
     args = parse_args(argv)
+    try:
+        run(args)
+    except DiskFullError as e:
+        fail(f"{e}: free space and rerun the same command"
+             + ("" if args.grid else f" (finished shards in {args.out}.shards are kept)"))
+
+
+@torch.no_grad()
+def run(args):
     world = init_distributed()
     device = world.device
     if args.precision == "tf32":

@@ -17,7 +17,6 @@ quantization of samples). Latents are stored as the VAE posterior in VAE units (
 sees (mean + std * noise) * scale_factor and decodes through vae.decode(x / scale_factor)
 (Store.read_model, model_to_images).
 """
-import errno
 import hashlib
 import io
 import json
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from distributed import atomic_write
+from distributed import DiskFullError, atomic_write
 
 FORMAT = "minsnr-store"
 VERSION = 1
@@ -317,10 +316,10 @@ def safe_write(path, write):
     """atomic_write, with a failure (a full disk above all) as a StoreError that says what survives."""
     try:
         atomic_write(path, write)
+    except DiskFullError as e:
+        raise StoreError(f"{e}: free space and re-run the same command (finished shards are kept and "
+                         f"skipped)") from None
     except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise StoreError(f"disk full while writing {path}: free space and re-run the same command "
-                             f"(finished shards are kept and skipped)") from None
         raise StoreError(f"cannot write {path}: {e.strerror or e}") from None
 
 

@@ -2,6 +2,7 @@
 (store.write_store, export.save_export, diffusers' save_pretrained), tiny enough for a 2-core CPU, so a
 test that reads one reads exactly what the real tools write."""
 import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -96,6 +97,27 @@ def tiny_vae(tmp_path_factory):
     path = tmp_path_factory.mktemp("vae") / "tiny-vae"
     vae.save_pretrained(path)
     return str(path), vae.eval()
+
+
+@pytest.fixture()
+def tmpfs(tmp_path):
+    """tmpfs(size) mounts a fresh tmpfs of `size` ("4m", "8k") under tmp_path and returns its path: a
+    real file system that fills up, so full-disk tests see the errors real writers raise. Grow it with
+    `mount -o remount,size=...`; everything is unmounted after the test."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mounts = []
+
+    def mount(size):
+        path = tmp_path / f"tmpfs{len(mounts)}"
+        path.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+        mounts.append(path)
+        return path
+
+    yield mount
+    for path in mounts:
+        subprocess.run(["umount", str(path)], check=True)
 
 
 @pytest.fixture(scope="session")

@@ -358,6 +358,20 @@ def test_bad_inputs_are_clear_errors(tmp_path):
             make()
 
 
+def test_full_disk_is_one_line(tmp_path, tmpfs, monkeypatch):
+    """--save-stats onto a real full disk (1 MiB of tmpfs, 64 MB of covariances); the network is faked."""
+    samples = _write(tmp_path, "s.npz", arr_0=np.zeros((4, 8, 8, 3), np.uint8))
+    stats = {"mu": np.zeros(2048), "sigma": np.eye(2048), "mu_s": np.zeros(2023), "sigma_s": np.eye(2023),
+             "features": np.zeros((4, 2048), np.float32)}
+    monkeypatch.setattr(E, "load_inception", lambda device: (None, "test-sha"))
+    monkeypatch.setattr(E, "compute_features", lambda *args, **kwargs: stats)
+    out = tmpfs("1m") / "stats.npz"
+    with pytest.raises(SystemExit) as e:
+        E.main([samples, "--save-stats", str(out)])
+    assert str(e.value) == f"evaluate.py: error: disk full while writing {out}"
+    assert os.listdir(out.parent) == []
+
+
 def test_cli_error_is_one_line(tmp_path):
     bad = _write(tmp_path, "f.npz", arr_0=np.zeros((4, 8, 8, 3), np.float32))
     script = os.path.join(os.path.dirname(E.__file__), "evaluate.py")

@@ -1,9 +1,9 @@
 """extract_latents.py and store.py: real CIFAR-10 read from its archive, the builtin dataset, latent
 mode with a tiny random VAE, torchrun invariance, resume after a crash, and every bad-input case."""
-import errno
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -140,30 +140,17 @@ def test_torchrun_two_ranks_byte_identical(cifar, tmp_path, tiny_vae):
     assert one == two
 
 
-def test_resume_after_crash(tmp_path, monkeypatch):
+def test_resume_after_crash(tmp_path):
     args = ("--data", "builtin", "--num-images", 50, "--image-size", 8, "--vae", "none", "--shard-size", 20)
     run(*args, "--out", tmp_path / "clean")
+    # What a run killed inside its second shard leaves: the first shard, the second's temp file, the
+    # third's array without its record (never a finished shard), no manifest.
     out = tmp_path / "crash"
-    # Crash (disk full) on the first file of the second shard.
-    real, calls = store.atomic_write, []
-
-    def failing(path, write):
-        calls.append(path)
-        if len(calls) == 4:  # images, labels, record of shard 1 went through
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real(path, write)
-
-    monkeypatch.setattr(store, "atomic_write", failing)
-    with pytest.raises(SystemExit) as e:
-        run(*args, "--out", out)
-    msg = one_line_exit(e)
-    assert "disk full" in msg and "00000020-00000040.images.npy" in msg
-    monkeypatch.setattr(store, "atomic_write", real)
-    assert sorted(os.listdir(out)) == ["00000000-00000020.images.npy", "00000000-00000020.json",
-                                       "00000000-00000020.labels.npy"]
+    out.mkdir()
+    for name in ("00000000-00000020.images.npy", "00000000-00000020.json", "00000000-00000020.labels.npy"):
+        shutil.copy2(tmp_path / "clean" / name, out / name)
     with pytest.raises(StoreError, match="incomplete"):
         open_store(out)
-    # Debris a killed run can leave: a temp file, and a shard whose record was never written.
     (out / "00000020-00000040.images.npy.tmp.999").write_bytes(b"half")
     (out / "00000040-00000050.images.npy").write_bytes(b"\x93NUMPY garbage")
     kept = os.stat(out / "00000000-00000020.images.npy").st_mtime_ns
@@ -179,6 +166,28 @@ def test_resume_after_crash(tmp_path, monkeypatch):
     # Resuming with other settings into the same directory is refused.
     with pytest.raises(SystemExit, match="different extraction"):
         run(*args[:-2], "--shard-size", 20, "--flip", "--out", out)
+
+
+def test_full_disk_keeps_finished_shards(tmp_path, tmpfs):
+    """A real short write: 4 MiB of tmpfs, shards of 2.1 MB. The first fits, the second does not."""
+    args = ("--data", "builtin", "--num-images", 1400, "--image-size", 32, "--vae", "none", "--shard-size", 700)
+    fs = tmpfs("4m")
+    out = fs / "store"
+    with pytest.raises(SystemExit) as e:
+        run(*args, "--out", out)
+    msg = one_line_exit(e)
+    assert "disk full" in msg and str(out / "00000700-00001400.images.npy") in msg and "re-run" in msg
+    assert sorted(os.listdir(out)) == ["00000000-00000700.images.npy", "00000000-00000700.json",
+                                       "00000000-00000700.labels.npy"]  # no manifest, no temp file
+    record = json.loads((out / "00000000-00000700.json").read_text())
+    assert all(store.sha256_file(out / name) == record["sha256"][kind] for kind, name in record["files"].items())
+    # Room made, the same command finishes the store without redoing the first shard.
+    kept = os.stat(out / "00000000-00000700.images.npy").st_mtime_ns
+    subprocess.run(["mount", "-o", "remount,size=16m", str(fs)], check=True)
+    run(*args, "--out", out)
+    assert os.stat(out / "00000000-00000700.images.npy").st_mtime_ns == kept
+    run(*args, "--out", tmp_path / "clean")
+    assert store_files(out) == store_files(tmp_path / "clean")
 
 
 def _png(path, mode="RGB", size=(20, 12), colour=(10, 200, 30)):

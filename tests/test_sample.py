@@ -116,6 +116,19 @@ def test_resume_keeps_finished_shards(export, reference, tmp_path):
     assert images[8:].tobytes() == reference["arr_0"][8:].tobytes()
 
 
+def test_full_disk_is_one_line_and_resumes(export, reference, tmp_path, tmpfs):
+    """A real full disk: 8 KiB of tmpfs holds settings.json and one shard (a page each), not the second."""
+    fs = tmpfs("8k")
+    out = fs / "s.npz"
+    message = error_of("--ckpt", export, *NPZ, "--out", out)
+    assert f"disk full while writing {out}.shards/shard-000001.npz" in message and "rerun" in message
+    assert sorted(os.listdir(f"{out}.shards")) == ["settings.json", "shard-000000.npz"]  # no temp file
+    subprocess.run(["mount", "-o", "remount,size=1m", str(fs)], check=True)
+    run("--ckpt", export, *NPZ, "--out", out)
+    with np.load(out) as f:
+        assert f["arr_0"].tobytes() == reference["arr_0"].tobytes()
+
+
 def test_interrupted_merge_resumes_only_with_the_same_settings(export, reference, tmp_path, monkeypatch):
     out = tmp_path / "m.npz"
 
