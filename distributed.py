@@ -113,3 +113,25 @@ def atomic_write(path, write):
         if os.path.exists(tmp):
             os.remove(tmp)
 
+
+def remove_dead_temps(directory):
+    """Remove the temp files atomic_write left in `directory` ({path}.tmp.{pid}) whose writer no
+    longer runs: what a killed process leaves behind. A live writer's are left alone. Returns the
+    names removed."""
+    removed = []
+    for name in sorted(os.listdir(directory)):
+        _, tag, pid = name.rpartition(".tmp.")
+        if tag and pid.isdigit() and int(pid) > 0 and not _running(int(pid)):
+            os.remove(os.path.join(directory, name))
+            removed.append(name)
+    return removed
+
+
+def _running(pid):
+    try:
+        os.kill(pid, 0)  # signal 0 sends nothing: it only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        pass
+    return True

@@ -24,11 +24,15 @@ written are checked and skipped.
 """
 import argparse
 import bz2
+import ctypes
+import functools
 import gzip
 import hashlib
 import lzma
 import math
 import os
+import signal
+import sys
 import tarfile
 import time
 import zipfile
@@ -38,7 +42,7 @@ from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from distributed import cleanup_distributed, init_distributed
+from distributed import barrier, cleanup_distributed, init_distributed, remove_dead_temps
 from store import (IMAGE_EXTENSIONS, SD_VAE_SCALE_FACTOR, StoreError, encode_posterior, load_vae, open_rgb,
                    shard_finished, write_manifest, write_shard)
 
@@ -362,6 +366,19 @@ class ItemDataset(Dataset):
             return i, None, -1, str(e)
 
 
+def die_with_parent(parent_pid, worker_id):
+    """DataLoader worker_init_fn: on Linux, have the kernel SIGKILL this worker when its parent dies, so
+    a killed extraction (kill -9, the OOM killer) leaves no orphaned workers behind; elsewhere a no-op.
+    The signal follows the thread that forked the worker: DataLoader forks from the main thread."""
+    if not sys.platform.startswith("linux"):
+        return
+    PR_SET_PDEATHSIG = 1
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent_pid:  # the parent died before prctl, so no signal will come
+        os._exit(1)
+
+
 def collate(items):
     """-> global indices of good items, uint8 [b, S, S, 3], int64 [b], [(index, error)]."""
     good = [(i, img, lab) for i, img, lab, err in items if err is None]
@@ -416,6 +433,12 @@ def extract(args):
                   "vae": args.vae if latents else None, "shard_size": args.shard_size,
                   "listing_sha256": source.listing_sha256(), "skip_bad": args.skip_bad}
     os.makedirs(args.out, exist_ok=True)
+    if world.is_main:
+        # Temp files of killed writers, removed before any rank of this run writes (the barrier), so
+        # none of them is a file a rank on another node has open.
+        if removed := remove_dead_temps(args.out):
+            print(f"removed {len(removed)} temp files of killed writers from {args.out}")
+    barrier()
 
     # Shards are fixed ranges of the global index; rank r takes a contiguous block of them.
     shards = [(s, min(s + args.shard_size, n)) for s in range(0, n, args.shard_size)]
@@ -438,7 +461,8 @@ def extract(args):
     # Batches never cross a shard boundary, so a batch (hence the VAE's numerics) does not depend on the rank count.
     batches = [list(range(b, min(b + args.batch_size, e))) for s, e in todo for b in range(s, e, args.batch_size)]
     loader = DataLoader(ItemDataset(source, args.image_size), batch_sampler=batches, collate_fn=collate,
-                        num_workers=args.num_workers if batches else 0)
+                        num_workers=args.num_workers if batches else 0,
+                        worker_init_fn=functools.partial(die_with_parent, os.getpid()))
     it = iter(loader)
     total = sum(e - s for s, e in mine)
     bar = tqdm(total=total, initial=total - sum(e - s for s, e in todo), unit="img", smoothing=0.1,

@@ -1,12 +1,22 @@
 """distributed.py's file writing on a real file system that fills up (a small tmpfs): a full disk is
-a DiskFullError whatever the writer raised, and leaves no file under the final name and no temp file."""
+a DiskFullError whatever the writer raised, and leaves no file under the final name and no temp file;
+temp files of dead writers are removed, a live writer's are not."""
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
-from distributed import DiskFullError, atomic_write, disk_full
+from distributed import DiskFullError, atomic_write, disk_full, remove_dead_temps
+
+
+def dead_pid():
+    """The pid of a process that has exited (and been reaped)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
 
 
 @pytest.mark.parametrize("writer", ["torch.save", "np.save", "write"])
@@ -42,3 +52,11 @@ def test_disk_full_asks_the_nearest_existing_parent(tmpfs):
     (fs / "fill").write_bytes(bytes(3 << 19))  # 1.5 MiB: what is left is under the 1 MiB margin
     assert disk_full(fs / "not" / "made" / "yet")
 
+
+def test_remove_dead_temps(tmp_path):
+    dead, live = dead_pid(), os.getpid()
+    names = [f"a.npy.tmp.{dead}", f"b.json.tmp.{live}", "c.npy", "d.tmp.txt", "e.tmp.0"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    assert remove_dead_temps(tmp_path) == [f"a.npy.tmp.{dead}"]
+    assert sorted(os.listdir(tmp_path)) == names[1:]

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import time
 import zipfile
 
 import numpy as np
@@ -28,6 +29,13 @@ def run(*args):
 
 def store_files(path):
     return {f: open(os.path.join(path, f), "rb").read() for f in sorted(os.listdir(path))}
+
+
+def dead_pid():
+    """The pid of a process that has exited (and been reaped)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
 
 
 def one_line_exit(capture):
@@ -151,12 +159,14 @@ def test_resume_after_crash(tmp_path):
         shutil.copy2(tmp_path / "clean" / name, out / name)
     with pytest.raises(StoreError, match="incomplete"):
         open_store(out)
-    (out / "00000020-00000040.images.npy.tmp.999").write_bytes(b"half")
+    (out / f"00000020-00000040.images.npy.tmp.{dead_pid()}").write_bytes(b"half")
     (out / "00000040-00000050.images.npy").write_bytes(b"\x93NUMPY garbage")
+    live = out / f"00000020-00000040.labels.npy.tmp.{os.getppid()}"  # a writer still running: left alone
+    live.write_bytes(b"busy")
     kept = os.stat(out / "00000000-00000020.images.npy").st_mtime_ns
     run(*args, "--out", out)
     assert os.stat(out / "00000000-00000020.images.npy").st_mtime_ns == kept  # finished shard not redone
-    os.remove(out / "00000020-00000040.images.npy.tmp.999")
+    os.remove(live)
     assert store_files(out) == store_files(tmp_path / "clean")
     # A finished shard that was damaged afterwards is redone too.
     os.remove(out / "manifest.json")
@@ -166,6 +176,48 @@ def test_resume_after_crash(tmp_path):
     # Resuming with other settings into the same directory is refused.
     with pytest.raises(SystemExit, match="different extraction"):
         run(*args[:-2], "--shard-size", 20, "--flip", "--out", out)
+
+
+def _proc_stat(pid):
+    """(state, parent pid) of a process from /proc, or None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state, ppid = f.read().rsplit(")", 1)[1].split()[:2]  # after "pid (name)"
+    except (FileNotFoundError, ProcessLookupError):  # gone before or while it was read
+        return None
+    return state, int(ppid)
+
+
+def _running(pid):
+    """Neither gone nor a zombie (dead, waiting for whoever adopted it to reap it)."""
+    stat = _proc_stat(pid)
+    return stat is not None and stat[0] != "Z"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; workers die with their parent on Linux")
+def test_kill_9_leaves_no_workers_and_resumes(tmp_path):
+    args = ["--data", "builtin", "--num-images", 12000, "--image-size", 16, "--vae", "none", "--shard-size", 1000]
+    out = tmp_path / "killed"
+    cmd = [sys.executable, os.path.join(ROOT, "extract_latents.py"), *map(str, args), "--num-workers", "2",
+           "--out", str(out)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out / "00000000-00001000.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "extraction ended before its first shard"
+        time.sleep(0.05)
+    workers = [int(p) for p in os.listdir("/proc") if p.isdigit() and (stat := _proc_stat(p)) and stat[1] == proc.pid]
+    assert len(workers) == 2
+    proc.kill()
+    proc.wait()
+    deadline = time.time() + 5
+    while any(map(_running, workers)) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not any(map(_running, workers)), "a DataLoader worker outlived its parent"
+    assert not (out / "manifest.json").exists()
+    (out / f"x.images.npy.tmp.{dead_pid()}").write_bytes(b"half")  # as a killed writer leaves it
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=300)
+    run(*args, "--out", tmp_path / "clean")
+    assert store_files(out) == store_files(tmp_path / "clean")
 
 
 def test_full_disk_keeps_finished_shards(tmp_path, tmpfs):
