@@ -7,6 +7,8 @@ Inputs (--data):
   FILE.zip / .tar / .tar.gz    the same layout inside an archive, read without unpacking
   --split SUB                  use SUB/<class>/... inside DIR or the archive (e.g. --split train)
 Class index = position of the class folder name in sorted order; the names go into the manifest.
+Files in class folders whose extension is not an image's (README.txt, LICENSE) are skipped and listed
+in the manifest.
 
 Modes: --vae none stores uint8 pixels; --vae <hub id or local folder> stores the posterior mean and
 std of a diffusers AutoencoderKL (fp32 encode) plus its scale factor.
@@ -46,7 +48,8 @@ from distributed import barrier, cleanup_distributed, init_distributed, remove_d
 from store import (IMAGE_EXTENSIONS, SD_VAE_SCALE_FACTOR, StoreError, encode_posterior, load_vae, open_rgb,
                    shard_finished, write_manifest, write_shard)
 
-TOOL_VERSION = "extract_latents 1.0"
+TOOL_VERSION = "extract_latents 1.1"
+NOT_AN_IMAGE = "not an image file"  # the manifest's reason for skipped non-image files
 
 
 #################################################################################
@@ -204,10 +207,8 @@ class FileSource:
         per_class = {c: [] for c in self.class_names}
         for name in sorted(files):
             cls = name[len(prefix):].split("/", 1)[0]
-            if os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
-                if not skip_bad:
-                    raise SystemExit(f"not an image file: {self.describe(name)} (remove it or pass --skip-bad)")
-                self.skipped.append({"file": name, "reason": "not an image file"})
+            if os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:  # README.txt, LICENSE: not data
+                self.skipped.append({"file": name, "reason": NOT_AN_IMAGE})
                 continue
             per_class[cls].append(name)
         for cls, names in per_class.items():
@@ -403,7 +404,9 @@ def main(argv=None):
     parser.add_argument("--num-images", type=int, default=10000, help="size of the builtin dataset")
     parser.add_argument("--seed", type=int, default=0, help="seed of the builtin dataset")
     parser.add_argument("--limit-per-class", type=int, default=None, help="keep the first N files of each class")
-    parser.add_argument("--skip-bad", action="store_true", help="skip unreadable/non-image files and empty classes, recording them")
+    parser.add_argument("--skip-bad", action="store_true",
+                        help="skip unreadable images and empty class folders, recording them in the manifest "
+                             "(files that are not images are always skipped)")
     parser.add_argument("--shard-size", type=int, default=4096, help="items per shard (fixes the output layout)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per decode/encode batch")
     parser.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1), help="decode processes per rank")
@@ -508,8 +511,12 @@ def extract(args):
                 time.sleep(1.0)
         manifest = write_manifest(args.out, [metas[sh] for sh in shards], extraction, class_names=source.class_names,
                                   skipped=source.skipped, source=source_info, tool=TOOL_VERSION)
+        not_images = sum(s["reason"] == NOT_AN_IMAGE for s in manifest["skipped"])
+        counts = {"non-image files": not_images,
+                  "unreadable images or empty class folders": len(manifest["skipped"]) - not_images}
+        skipped = " and ".join(f"{n} {what}" for what, n in counts.items() if n)
         print(f"wrote {manifest['count']} items ({manifest['mode']}, {manifest['shape']}) to {args.out}"
-              + (f"; skipped {len(manifest['skipped'])} (listed in manifest.json)" if manifest["skipped"] else ""))
+              + (f"; skipped {skipped} (listed in manifest.json)" if skipped else ""))
 
 
 if __name__ == "__main__":

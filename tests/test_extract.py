@@ -292,14 +292,13 @@ def test_folder_zip_tar_and_colour_modes(tmp_path, folder):
         assert o.class_names == s.class_names and np.array_equal(o.read(np.arange(5))[0], imgs)
 
 
-def test_bad_inputs(tmp_path, folder):
+def test_bad_inputs(tmp_path, folder, capsys):
     base = ("--image-size", 8, "--vae", "none")
     jpeg = io.BytesIO()
     Image.new("RGB", (40, 40), (1, 2, 3)).save(jpeg, format="JPEG")
     cases = {
         "corrupt": ("dogs/bad.jpg", b"\x00" * 100),
         "truncated": ("dogs/half.jpg", jpeg.getvalue()[: len(jpeg.getvalue()) // 2]),
-        "non-image": ("cats/notes.txt", b"hello"),
     }
     for what, (rel, data) in cases.items():
         (folder / rel).write_bytes(data)
@@ -308,6 +307,14 @@ def test_bad_inputs(tmp_path, folder):
         assert rel.split("/")[1] in one_line_exit(e), what
         assert not (tmp_path / what / "manifest.json").exists()
         os.remove(folder / rel)
+    # Files that are not images never stop a run: skipped, counted and recorded.
+    (folder / "cats" / "notes.txt").write_bytes(b"hello")
+    (folder / "dogs" / "LICENSE").write_bytes(b"CC-BY")
+    run("--data", folder, *base, "--out", tmp_path / "texts")
+    s = open_store(tmp_path / "texts")
+    assert len(s) == 5 and s.manifest["skipped"] == [{"file": "cats/notes.txt", "reason": "not an image file"},
+                                                     {"file": "dogs/LICENSE", "reason": "not an image file"}]
+    assert "; skipped 2 non-image files (listed in manifest.json)" in capsys.readouterr().out
     (folder / "empty").mkdir()
     with pytest.raises(SystemExit) as e:
         run("--data", folder, *base, "--out", tmp_path / "empty")
@@ -318,7 +325,9 @@ def test_bad_inputs(tmp_path, folder):
     run("--data", folder, *base, "--skip-bad", "--out", tmp_path / "skip")
     s = open_store(tmp_path / "skip")
     assert len(s) == 5 and s.class_names == ["cats", "dogs", "empty"] and s.num_classes == 3
-    assert sorted(x["file"] for x in s.manifest["skipped"]) == ["cats/notes.txt", "dogs/bad.jpg", "dogs/half.jpg", "empty"]
+    assert sorted(x["file"] for x in s.manifest["skipped"]) == ["cats/notes.txt", "dogs/LICENSE", "dogs/bad.jpg",
+                                                                "dogs/half.jpg", "empty"]
+    assert "; skipped 2 non-image files and 3 unreadable images or empty class folders" in capsys.readouterr().out
     # Empty dataset, missing path.
     (tmp_path / "nothing").mkdir()
     for data, words in ((tmp_path / "nothing", "empty dataset"), (tmp_path / "missing", "not found")):
