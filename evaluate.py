@@ -327,7 +327,8 @@ class ImageSource:
 
 
 def _load_image(path):
-    """uint8 [H, W, 3], converted to RGB as extract_latents.py converts its inputs (store.open_rgb)."""
+    """uint8 [H, W, 3], converted to RGB and turned upright by its EXIF orientation as extract_latents.py
+    converts its inputs by default (store.open_rgb)."""
     try:
         return np.asarray(open_rgb(path, path))
     except StoreError as e:

@@ -8,7 +8,8 @@ Inputs (--data):
   --split SUB                  use SUB/<class>/... inside DIR or the archive (e.g. --split train)
 Class index = position of the class folder name in sorted order; the names go into the manifest.
 Files in class folders whose extension is not an image's (README.txt, LICENSE) are skipped and listed
-in the manifest.
+in the manifest. Images are turned upright by their EXIF orientation tag, as a viewer shows them;
+ADM's and DiT's loaders ignore EXIF, so pass --no-exif-transpose to reproduce their inputs exactly.
 
 Modes: --vae none stores uint8 pixels; --vae <hub id or local folder> stores the posterior mean and
 std of a diffusers AutoencoderKL (fp32 encode) plus its scale factor.
@@ -70,9 +71,9 @@ def center_crop_arr(img, image_size):
     return arr[top:top + image_size, left:left + image_size]
 
 
-def decode_image(data, name, image_size):
+def decode_image(data, name, image_size, exif_transpose):
     """Image file bytes -> uint8 [S, S, 3] (store.open_rgb, then center_crop_arr); StoreError if unreadable."""
-    return center_crop_arr(open_rgb(data, name), image_size)
+    return center_crop_arr(open_rgb(data, name, exif_transpose=exif_transpose), image_size)
 
 
 #################################################################################
@@ -189,8 +190,8 @@ class FileSource:
     (class index, name); `read(i)` returns the bytes of item i in any process (handles are opened
     lazily per process, since DataLoader workers must not share a file offset with the parent)."""
 
-    def __init__(self, data, split, limit_per_class, skip_bad):
-        self.data, self.kind = data, self._kind(data)
+    def __init__(self, data, split, limit_per_class, skip_bad, exif_transpose):
+        self.data, self.kind, self.exif_transpose = data, self._kind(data), exif_transpose
         prefix = split.strip("/") + "/" if split else ""
         if self.kind == "folder":
             files, dirs, self.locations = self._list_folder(data, prefix)
@@ -320,11 +321,12 @@ class FileSource:
         return data
 
     def load(self, i, image_size):
+        name = self.describe(self.items[i][1])
         try:
             data = self.read(i)
         except (OSError, EOFError, zipfile.BadZipFile) as e:
-            raise StoreError(f"{self.describe(self.items[i][1])}: cannot read ({e})") from None
-        return decode_image(data, self.describe(self.items[i][1]), image_size), self.items[i][0]
+            raise StoreError(f"{name}: cannot read ({e})") from None
+        return decode_image(data, name, image_size, self.exif_transpose), self.items[i][0]
 
     def listing_sha256(self):
         return hashlib.sha256("".join(f"{c} {n}\n" for c, n in self.items).encode()).hexdigest()
@@ -407,6 +409,9 @@ def main(argv=None):
     parser.add_argument("--skip-bad", action="store_true",
                         help="skip unreadable images and empty class folders, recording them in the manifest "
                              "(files that are not images are always skipped)")
+    parser.add_argument("--no-exif-transpose", action="store_true",
+                        help="keep each image's raw pixel grid, ignoring its EXIF orientation tag, as ADM's and "
+                             "DiT's loaders do (use it to reproduce their numbers)")
     parser.add_argument("--shard-size", type=int, default=4096, help="items per shard (fixes the output layout)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per decode/encode batch")
     parser.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1), help="decode processes per rank")
@@ -428,13 +433,14 @@ def extract(args):
         source = BuiltinSource(args.num_images, args.seed)
         source_info = {"data": "builtin", "num_images": args.num_images, "seed": args.seed}
     else:
-        source = FileSource(args.data, args.split, args.limit_per_class, args.skip_bad)
+        source = FileSource(args.data, args.split, args.limit_per_class, args.skip_bad, not args.no_exif_transpose)
         source_info = {"data": args.data, "split": args.split or None, "limit_per_class": args.limit_per_class}
     n = len(source)
     # Everything the shard contents depend on; a resumed run must match it exactly.
     extraction = {"mode": "latents" if latents else "pixels", "image_size": args.image_size, "flip": args.flip,
                   "vae": args.vae if latents else None, "shard_size": args.shard_size,
-                  "listing_sha256": source.listing_sha256(), "skip_bad": args.skip_bad}
+                  "listing_sha256": source.listing_sha256(), "skip_bad": args.skip_bad,
+                  "exif_transpose": not args.no_exif_transpose}
     os.makedirs(args.out, exist_ok=True)
     if world.is_main:
         # Temp files of killed writers, removed before any rank of this run writes (the barrier), so

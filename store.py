@@ -24,7 +24,7 @@ import os
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from distributed import DiskFullError, atomic_write
 
@@ -73,13 +73,14 @@ def to_rgb(img):
     return img.convert("RGB")
 
 
-def open_rgb(source, name):
-    """An image file (a path, or its bytes) decoded now and converted with to_rgb -> PIL RGB image.
+def open_rgb(source, name, *, exif_transpose=True):
+    """An image file (a path, or its bytes) decoded now and converted with to_rgb -> PIL RGB image,
+    turned upright by its EXIF orientation tag (as viewers show it) unless exif_transpose=False.
     Anything PIL cannot decode (not an image, truncated, ...) is a StoreError naming `name`."""
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
             img.load()  # decode now: a truncated file fails here, not later
-            return to_rgb(img)
+            return to_rgb(ImageOps.exif_transpose(img) if exif_transpose else img)
     except Image.UnidentifiedImageError:
         raise StoreError(f"{name}: cannot read image (not an image PIL can read)") from None
     except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError...

@@ -13,10 +13,10 @@ import zipfile
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 import store
-from extract_latents import builtin_image, main
+from extract_latents import builtin_image, center_crop_arr, main
 from store import StoreError, model_to_uint8, open_store, uint8_to_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -334,6 +334,31 @@ def test_bad_inputs(tmp_path, folder, capsys):
         with pytest.raises(SystemExit) as e:
             run("--data", data, *base, "--out", tmp_path / "x")
         assert words in one_line_exit(e) and str(data) in str(e.value.code)
+
+
+def test_exif_orientation(tmp_path):
+    """A 32x16 JPEG, red left half and blue right half, whose EXIF says "rotate 90° clockwise to view"
+    (orientation 6): upright, red is on top; as stored in the file, red is on the left."""
+    raw = np.zeros((16, 32, 3), np.uint8)
+    raw[:, :16, 0] = raw[:, 16:, 2] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "data" / "photos" / "rotated.jpg"
+    path.parent.mkdir(parents=True)
+    Image.fromarray(raw).save(path, exif=exif, quality=95)
+    args = ("--data", tmp_path / "data", "--image-size", 8, "--vae", "none")
+    run(*args, "--out", tmp_path / "upright")
+    run(*args, "--no-exif-transpose", "--out", tmp_path / "raw")
+    upright, as_stored = (open_store(tmp_path / name).read([0])[0][0].astype(int) for name in ("upright", "raw"))
+    with Image.open(path) as img:
+        assert np.array_equal(upright, center_crop_arr(ImageOps.exif_transpose(img), 8))
+        assert np.array_equal(as_stored, center_crop_arr(img.convert("RGB"), 8))
+    up, stored = (x[..., 0] - x[..., 2] for x in (upright, as_stored))  # red minus blue
+    assert (up[:3] > 100).all() and (up[-3:] < -100).all()  # red on top, blue below
+    assert (stored[:, :3] > 100).all() and (stored[:, -3:] < -100).all()  # red left, blue right
+    # The setting is part of the extraction: resuming with the other one is refused.
+    with pytest.raises(SystemExit, match="changed: exif_transpose"):
+        run(*args, "--no-exif-transpose", "--out", tmp_path / "upright")
 
 
 def test_missing_vae_is_a_clear_error(tmp_path, monkeypatch):
