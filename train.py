@@ -38,7 +38,8 @@ from tqdm import tqdm
 
 from config import ConfigError, flatten, load_config
 from diffusion import GaussianDiffusion
-from distributed import atomic_write, barrier, cleanup_distributed, init_distributed, seed_for
+from distributed import (DiskFullError, atomic_write, barrier, cleanup_distributed, disk_full, init_distributed,
+                         seed_for)
 from export import save_export
 from models import ALL_MODELS
 from store import open_store
@@ -266,7 +267,21 @@ def save_checkpoint(run_dir, model, ema, optimizer, step, samples_seen, world, k
     if world.is_main and path.exists():
         shutil.rmtree(path)   # an incomplete save of this step by an earlier, interrupted run
     barrier()
-    dcp.save(training_state(model, ema, optimizer, step, samples_seen, world), checkpoint_id=path)
+    error = None
+    try:
+        dcp.save(training_state(model, ema, optimizer, step, samples_seen, world), checkpoint_id=path)
+    except (Exception, CheckpointException) as e:  # DCP's comes on every rank
+        error = e
+    full = torch.tensor([float(error is not None and disk_full(path))], device=world.device)
+    dist.all_reduce(full)   # agreed before rank 0 frees the space the partial checkpoint holds
+    if full.item() > 0:
+        if world.is_main:
+            shutil.rmtree(path, ignore_errors=True)   # no .metadata: never counted complete anyway
+        newest = checkpoint_dirs(run_dir)
+        fail(f"disk full while writing checkpoint {path}; the newest complete checkpoint "
+             f"({newest[-1].name if newest else 'none'}) is intact: free space and rerun the same command")
+    if error is not None:
+        raise error
     barrier()
     if world.is_main:   # keep the newest `keep_last`; drop everything older, complete or not
         kept = checkpoint_dirs(run_dir)[-keep_last:]
@@ -302,9 +317,16 @@ def export_checkpoint(path, model, ema, export_args, world):
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_sd = get_model_state_dict(model, options=options)
     ema_sd = get_model_state_dict(ema, options=options)
+    full = False
     if world.is_main:
-        save_export(path, model_sd, ema_sd, **export_args)
-    barrier()
+        try:
+            save_export(path, model_sd, ema_sd, **export_args)
+        except DiskFullError as e:
+            full = str(e)
+    flag = torch.tensor([float(bool(full))], device=world.device)
+    dist.all_reduce(flag)   # rank 0 alone writes; every rank must learn that it failed
+    if flag.item() > 0:
+        fail(f"{full}; the sharded checkpoints are intact: free space and rerun the same command to export")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -428,7 +450,8 @@ def load_newest(run_dir, model, ema, optimizer, world):
 
 def fail(message):
     if int(os.environ.get("RANK", 0)) == 0:
-        print(f"train.py: error: {message}", file=sys.stderr, flush=True)
+        # On a line of its own even when the progress bar (stderr, no newline) is showing.
+        print(f"\ntrain.py: error: {message}", file=sys.stderr, flush=True)
     cleanup_distributed()
     sys.exit(1)
 

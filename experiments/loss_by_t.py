@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from diffusion import respace_timesteps
-from distributed import atomic_write
+from distributed import DiskFullError, atomic_write
 from export import ExportError, load_export
 from store import StoreError, open_store
 
@@ -96,7 +96,10 @@ def main(argv=None):
               "seed": args.seed,
               "t": [int(t) for t in timesteps], "snr": [float(diffusion.snr[t]) for t in timesteps],
               "x0_mse": mse.mean(1).tolist(), "x0_mse_se": (mse.std(1) / math.sqrt(mse.shape[1])).tolist()}
-    atomic_write(args.out, lambda f: f.write(json.dumps(result, indent=1).encode()))
+    try:
+        atomic_write(args.out, lambda f: f.write(json.dumps(result, indent=1).encode()))
+    except DiskFullError as e:
+        fail(str(e))
     print(f"wrote {args.out}: x0-MSE from {result['x0_mse'][0]:.3g} (t = 0) to {result['x0_mse'][-1]:.3g} "
           f"(t = {timesteps[-1]})")
 

@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from diffusion import generate
-from distributed import atomic_write
+from distributed import DiskFullError, atomic_write
 from export import ExportError, load_export
 from store import model_to_images
 
@@ -90,7 +90,10 @@ def main(argv=None):
         images.append(model_to_images(x))
     labels = np.arange(args.num_samples, dtype=np.int64) % model.num_classes
     images = np.concatenate(images)
-    atomic_write(args.out, lambda f: np.savez(f, arr_0=images, arr_1=labels))
+    try:
+        atomic_write(args.out, lambda f: np.savez(f, arr_0=images, arr_1=labels))
+    except DiskFullError as e:
+        fail(str(e))
     print(f"saved {args.out}: {len(images)} images, --high above t = {args.switch_t}, --low at and below")
 
 

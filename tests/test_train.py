@@ -286,6 +286,7 @@ def test_export_format(one_rank):
 
 
 def test_sigterm_saves_and_exits_zero(data, tmp_path):
+    """SIGTERM, twice: the step finishes, one checkpoint of the last logged step is saved, exit 0."""
     args = tiny_args(data, tmp_path, "run", "train.steps=100000", "checkpoint.every=100000")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, TRAIN, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
@@ -295,6 +296,8 @@ def test_sigterm_saves_and_exits_zero(data, tmp_path):
     while not (metrics.exists() and metrics.read_text().strip()) and time.time() < deadline:
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)   # a second one (scheduler + launcher) must not kill the save
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-2000:]
     saved = train.checkpoint_dirs(tmp_path / "run")
@@ -421,3 +424,33 @@ def test_label_dropout_rate_and_independence_from_the_rest():
     assert abs(rate - 0.15) < 4 * (0.15 * 0.85 / 20000) ** 0.5
     assert not without[4].any()
     assert all(torch.equal(a, b) for a, b in zip(with_drop[:4], without[:4]))
+
+
+def test_full_disk_stops_in_one_line_and_the_rerun_finishes(data, one_rank, tmpfs, tmp_path):
+    """A real full file system (tmpfs) under the run: a checkpoint that does not fit (114 MB here) and then
+    an export that does not fit (57 MB) each stop the run with one line saying the disk is full, leave
+    nothing that looks finished, and once there is room the same command finishes with the state of a
+    run that never ran out of space."""
+    results = tmpfs("60m")
+    args = tiny_args(data, results, "run", "train.steps=1", "model.class_dropout_prob=0.5")
+    run = results / "run"
+
+    def errors():
+        proc = launch(args, 1, check=False)
+        lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("train.py: error:")]
+        assert proc.returncode == 1 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert not list(results.rglob("*.tmp.*"))
+        return lines[0]
+
+    assert "disk full while writing checkpoint" in errors()
+    assert not list((run / "checkpoints").iterdir())
+    subprocess.run(["mount", "-o", "remount,size=150m", str(results)], check=True)
+    message = errors()
+    assert "disk full while writing" in message and "step-0000001.pt" in message
+    assert [p.name for p in train.checkpoint_dirs(run)] == ["step-0000001"]
+    assert not (run / "checkpoints" / "step-0000001.pt").exists()
+    subprocess.run(["mount", "-o", "remount,size=400m", str(results)], check=True)
+    launch(args, 1)
+    assert (run / "checkpoints" / "step-0000001.pt").exists()
+    assert max_diff(load_dcp(one_rank, 1, tmp_path), load_dcp(run, 1, tmp_path),
+                    {"model", "ema", "optim", "rng", "progress"}) == 0
