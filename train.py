@@ -241,7 +241,7 @@ def step_dirs(run_dir):
 
 def checkpoint_dirs(run_dir):
     """Complete sharded checkpoints, oldest first: a directory counts once DCP has written .metadata
-    (it does so last). Complete is not the same as loadable: see resume."""
+    (it does so last). Complete is not the same as loadable: see load_newest."""
     return [p for p in step_dirs(run_dir) if (p / ".metadata").exists()]
 
 
