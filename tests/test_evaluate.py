@@ -378,3 +378,22 @@ def test_cli_error_is_one_line(tmp_path):
     r = subprocess.run([sys.executable, script, bad, "--ref", bad], capture_output=True, text=True, timeout=120)
     assert r.returncode != 0
     assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("evaluate.py: error:") and "uint8" in r.stderr
+
+
+def test_fp16_carried_weights_load_and_stay_close(net, cifar, tmp_path, monkeypatch):
+    """bench/build_carry.py's fp16-rounded weights cache: evaluate.py accepts it (its own checksum, the
+    rounding named in its source) and its pool3 features stay within 1e-2 of the fp32 network's
+    (measured: 2.9e-3 relative on 10 CIFAR-10 images) — close enough for throughput and within-study comparisons only."""
+    from bench.build_carry import fp16_cache
+    fp16_cache(str(tmp_path))
+    monkeypatch.setenv("MINSNR_CACHE", str(tmp_path))
+    sd, sha = E.inception_state_dict()
+    assert all(v.dtype == torch.float16 for v in sd.values() if v.is_floating_point())
+    assert "fp16" in torch.load(tmp_path / "inception-fid.pt", weights_only=True)["source"]
+    net16, sha16 = E.load_inception("cpu")
+    assert sha16 == sha
+    images = cifar_subset(cifar, "test", 1)
+    pool32, pool16 = features_of(net, images)["features"], features_of(net16, images)["features"]
+    error = np.linalg.norm(pool32 - pool16) / np.linalg.norm(pool32)
+    print(f"fp16-rounded weights: pool3 features {error:.2e} relative")
+    assert 0 < error < 1e-2
