@@ -24,7 +24,8 @@ import traceback
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # (module, argv) per device; --quick swaps in the second list. CPU sizes follow the README's commands,
-# CUDA ones bench/gpu_checks.sh's former per-benchmark steps.
+# CUDA ones fit bench/gpu_checks.sh's 3-minute step (unmeasured: no GPU yet); FID and extraction read the CIFAR-10
+# subset bench/build_carry.py carries.
 PLANS = {
     "cpu": [
         ("bench_train", "--models DiT-Ti/4 --input-size 32 --in-channels 3 --no-learn-sigma --batch-size 32 "
@@ -36,11 +37,11 @@ PLANS = {
     ],
     "cuda": [
         ("bench_train", "--models DiT-B/2 DiT-XL/2 --input-size 32 --in-channels 4 --batch-size 64 --dtype bf16 "
-                        "--compile both --checkpointing both --steps 10 --warmup 3"),
+                        "--compile both --checkpointing both --steps 5 --warmup 2"),
         ("bench_sample", "--model DiT-XL/2 --image-size 256 --sampler ddpm --steps 250 --timed-steps 10 "
                          "--cfg-scale 1.5 --precision bf16 --batch-size 64 --device cuda"),
-        ("bench_fid", "--device cuda --num-images 5000 --batch-size 250"),
-        ("bench_extract", "--device cuda --latent-per-class 500"),
+        ("bench_fid", "--device cuda --num-images 2000 --batch-size 250 --data .carry/cifar10.tar.gz"),
+        ("bench_extract", "--device cuda --latent-per-class 200 --data .carry/cifar10.tar.gz"),
     ],
 }
 QUICK = {
@@ -57,8 +58,8 @@ QUICK = {
                         "--steps 5 --warmup 2"),
         ("bench_sample", "--model DiT-XL/2 --image-size 256 --sampler ddpm --steps 250 --timed-steps 3 "
                          "--cfg-scale 1.5 --precision bf16 --batch-size 64 --device cuda"),
-        ("bench_fid", "--device cuda --num-images 1000 --batch-size 250"),
-        ("bench_extract", "--device cuda --latent-per-class 100"),
+        ("bench_fid", "--device cuda --num-images 1000 --batch-size 250 --data .carry/cifar10.tar.gz"),
+        ("bench_extract", "--device cuda --latent-per-class 100 --data .carry/cifar10.tar.gz"),
     ],
 }
 

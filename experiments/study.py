@@ -11,6 +11,7 @@ experiments/loss_by_t.py). From the repository root:
     python -m experiments.study                    # the CPU study: ~2.5 h on 2 cores (docs/study.md), resumable
     python -m experiments.study --report-only      # table + plots from whatever has finished
     python -m experiments.study --scale gpu        # the real-scale version (one GPU node)
+    python -m experiments.study --scale window --archive .carry/cifar10.tar.gz   # minutes on one GPU (bench/gpu_checks.sh)
     python -m experiments.study --scale toy        # a 5-minute end-to-end check of the pipeline
 
 Re-running the same command skips what is done: trainings resume (train.py), sample batches resume
@@ -87,6 +88,14 @@ SCALES = {
                 loss_images=2000, loss_timesteps=50,
                 seeds=[0, 1, 2], other_seeds=[0, 1], runs=list(RUNS), jobs=1, threads=0, nproc=1,
                 device="cuda", precision="bf16"),
+    # The GPU window (bench/gpu_checks.sh: one H200, minutes): the headline pair, one seed, side by side on
+    # the one GPU, from the CIFAR-10 subset bench/build_carry.py carries. Not yet run on a GPU: its time
+    # is to be measured (README).
+    "window": dict(model="DiT-S/4", steps=2000, batch=256, lr=1e-3, warmup=100, evals=4, num_samples=2000,
+                   sampler="ddim", sampler_steps=20, sample_batch=500, ref_per_class=250,
+                   loss_images=500, loss_timesteps=20,
+                   seeds=[0], other_seeds=[0], runs=["eps-snr", "eps-min_snr5"], jobs=2, threads=0, nproc=1,
+                   device="cuda", precision="bf16"),
     # Pipeline check: minutes on a CPU, numbers meaningless.
     "toy": dict(model="DiT-Ti/4", steps=40, batch=16, lr=1e-3, warmup=5, evals=2, num_samples=50,
                 sampler="ddim", sampler_steps=5, sample_batch=50, ref_per_class=20,
