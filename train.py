@@ -142,17 +142,24 @@ def sample_indices(seed, count, start, n):
     return indices
 
 
-def step_randomness(seed, step, diffusion, batch, shape, label_dropout):
-    """t, flips, diffusion noise, posterior noise and the label-dropout mask for the whole GLOBAL batch
-    of `step`, drawn in a fixed order from a generator seeded by (seed, step): every rank slices out its
-    own rows, so a row's randomness does not depend on the world size."""
-    g = torch.Generator().manual_seed(seed_for(seed, STEP_STREAM, step))
-    t = diffusion.sample_timesteps(batch, generator=g)
-    flips = torch.rand(batch, generator=g) < 0.5
-    noise = torch.randn(batch, *shape, generator=g)
-    posterior_noise = torch.randn(batch, *shape, generator=g)   # latent stores draw x0 from N(mean, std²)
-    drop_label = torch.rand(batch, generator=g) < label_dropout
-    return t, flips, noise, posterior_noise, drop_label
+def step_randomness(seed, step, diffusion, rows, shape, label_dropout):
+    """t, flips, diffusion noise, posterior noise and the label-dropout mask of the global sample positions
+    `rows` (a range) of step `step`. Row g draws from its own generator, so a rank draws only its own rows
+    (the cost follows the local batch) and a row's randomness does not depend on the world size. CPU
+    generators keep 32 bits of a seed: row g gets (a 32-bit offset mixed from (seed, step)) + g, distinct
+    within a step, as sample.py seeds its samples."""
+    offset = seed_for(seed, STEP_STREAM, step) % 2**32
+    n = len(rows)
+    t, flips, drop_label = torch.empty(n, dtype=torch.long), torch.empty(n), torch.empty(n)
+    noise, posterior_noise = torch.empty(n, *shape), torch.empty(n, *shape)
+    for i, g in enumerate(rows):
+        gen = torch.Generator().manual_seed((offset + g) % 2**32)
+        t[i] = diffusion.sample_timesteps(1, generator=gen)[0]
+        flips[i] = torch.rand((), generator=gen)
+        torch.randn(shape, generator=gen, out=noise[i])
+        torch.randn(shape, generator=gen, out=posterior_noise[i])   # latent stores draw x0 from N(mean, std²)
+        drop_label[i] = torch.rand((), generator=gen)               # last: dropout leaves the rest unchanged
+    return t, flips < 0.5, noise, posterior_noise, drop_label < label_dropout
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -190,7 +197,7 @@ def build_models(cfg, margs, device):
 def build_optimizer(cfg, model, device):
     o = cfg["optim"]
     return torch.optim.AdamW(model.parameters(), lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"],
-                             weight_decay=o["weight_decay"], fused=device.type == "cuda")
+                             weight_decay=o["weight_decay"], fused=True)
 
 
 def lr_at(cfg, step):
@@ -530,10 +537,10 @@ def main(argv=None):
     while step < t_cfg["steps"]:
         # This rank's rows [rank*local_batch, (rank+1)*local_batch) of the global batch; micro-batches
         # are contiguous sub-slices of those rows.
-        rows = slice(world.rank * local_batch, (world.rank + 1) * local_batch)
-        indices = sample_indices(seed, len(store), samples_seen, batch)[rows]
-        t, flips, noise, posterior_noise, drop_label = (
-            a[rows] for a in step_randomness(seed, step, diffusion, batch, shape, cfg["model"]["class_dropout_prob"]))
+        rows = range(world.rank * local_batch, (world.rank + 1) * local_batch)
+        indices = sample_indices(seed, len(store), samples_seen + rows.start, local_batch)
+        t, flips, noise, posterior_noise, drop_label = step_randomness(
+            seed, step, diffusion, rows, shape, cfg["model"]["class_dropout_prob"])
         flips &= cfg["data"]["random_flip"]
         x0, y = store.read_model(indices, flips, posterior_noise)
         y = torch.where(drop_label, store.num_classes, y)   # the null label trains the unconditional model

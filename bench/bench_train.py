@@ -81,14 +81,38 @@ def matmul_peak(device, dtype, n, repeats=10, rounds=3):
     return best
 
 
-def bench_one(args, world, name, compiled, checkpointing):
-    """Seconds per training step of `name` with train.py's step (after warm-up) and peak memory."""
+PHASES = ("randomness", "forward_backward", "grad_norm", "optimizer", "ema")
+
+
+def plain_models(cfg, margs, device):
+    """The reference the FSDP2 path is measured against: the same model, EMA twin and optimizer settings
+    on a plain module (no sharding, no DTensor), fp32."""
+    torch.manual_seed(cfg["run"]["seed"])
+    model = ALL_MODELS[margs["name"]](**{k: v for k, v in margs.items() if k != "name"}).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    model.gradient_checkpointing = cfg["model"]["gradient_checkpointing"]
+    if cfg["model"]["compile"]:
+        for block in model.blocks:
+            block.compile()
+    return model, ema
+
+
+@torch.no_grad()
+def plain_update_ema(ema, model, decay):
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
+
+
+def bench_one(args, world, name, compiled, checkpointing, sharded):
+    """Seconds per phase of train.py's step for `name` (mean over the timed steps, after warm-up) and
+    peak memory. Each phase is timed between device synchronisations, so on a GPU the split hides the
+    overlap a real step has; the sum is the step time without that overlap."""
     cfg = copy.deepcopy(train.DEFAULTS)
     cfg["model"].update(name=name, learn_sigma=args.learn_sigma, compile=compiled, gradient_checkpointing=checkpointing)
     cfg["train"]["precision"] = args.dtype
     margs = {"name": name, "input_size": args.input_size, "in_channels": args.in_channels, "num_classes": 1000,
              "learn_sigma": args.learn_sigma, "class_dropout_prob": 0.1}
-    model, ema = train.build_models(cfg, margs, world.device)
+    model, ema = (train.build_models if sharded else plain_models)(cfg, margs, world.device)
+    update_ema = train.update_ema if sharded else plain_update_ema
     optimizer = train.build_optimizer(cfg, model, world.device)
     diffusion = GaussianDiffusion(learn_sigma=args.learn_sigma)
     b, c, s = args.batch_size, args.in_channels, args.input_size
@@ -96,22 +120,27 @@ def bench_one(args, world, name, compiled, checkpointing):
              diffusion.sample_timesteps(b, device=world.device), torch.randn(b, c, s, s, device=world.device))
     if world.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(world.device)
-    for i in range(args.warmup + args.steps):
-        if i == args.warmup:
-            synchronize(world.device)
-            start = time.perf_counter()
-        train.forward_backward(model, diffusion, [batch], num_buckets=10)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
+    seconds = dict.fromkeys(PHASES, 0.0)
+
+    def timed(phase, fn, step):
+        synchronize(world.device)
+        start = time.perf_counter()
+        fn()
+        synchronize(world.device)
+        if step >= args.warmup:
+            seconds[phase] += (time.perf_counter() - start) / args.steps
+
+    def optimizer_step():
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        train.update_ema(ema, model, 0.9999)
-    synchronize(world.device)
-    seconds = (time.perf_counter() - start) / args.steps
-    memory = train.peak_memory_gb(world.device)
-    del model, ema, optimizer
-    if world.device.type == "cuda":
-        torch.cuda.empty_cache()
-    return seconds, memory
+
+    for i in range(args.warmup + args.steps):
+        timed("randomness", lambda: train.step_randomness(0, i, diffusion, range(b), (c, s, s), 0.1), i)
+        timed("forward_backward", lambda: train.forward_backward(model, diffusion, [batch], num_buckets=10), i)
+        timed("grad_norm", lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf")), i)
+        timed("optimizer", optimizer_step, i)
+        timed("ema", lambda: update_ema(ema, model, 0.9999), i)
+    return seconds, train.peak_memory_gb(world.device)
 
 
 def main(argv=None):
@@ -126,10 +155,14 @@ def main(argv=None):
                         help="compute dtype (train.precision); master weights stay fp32")
     parser.add_argument("--compile", choices=["off", "on", "both"], default="off", help="per-block torch.compile")
     parser.add_argument("--checkpointing", choices=["off", "on", "both"], default="off", help="activation checkpointing")
+    parser.add_argument("--path", choices=["fsdp", "plain", "both"], default="fsdp",
+                        help="train.py's FSDP2 step, the same step on a plain module (fp32 only), or both side by side")
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
     parser.add_argument("--matmul-size", type=int, default=None, help="side of the peak-rate matmul (default: 8192 GPU, 1024 CPU)")
     args = parser.parse_args(argv)
+    if args.path != "fsdp" and args.dtype != "fp32":
+        parser.error("--path plain/both compares fp32 steps: bf16 on a plain module would need autocast, not train.py's step")
 
     world = init_distributed()
     if world.device.type == "cuda":
@@ -143,25 +176,35 @@ def main(argv=None):
           f"({n}x{n}): {peak / 1e12:.2f} TFLOP/s")
     print(f"batch {args.batch_size}, input {args.in_channels}x{args.input_size}x{args.input_size}, "
           f"learn_sigma {args.learn_sigma}; GFLOP/img = training FLOPs per image = 3 x analytic forward (recompute not counted)")
-    print(f"{'model':<10} {'params':>8} {'GFLOP/img':>10} {'dtype':>5} {'compile':>7} {'ckpt':>4} "
-          f"{'img/s':>9} {'step ms':>9} {'TFLOP/s':>8} {'MFU':>6} {'mem GB':>7}")
+    print(f"{'model':<10} {'path':>5} {'params':>8} {'GFLOP/img':>10} {'dtype':>5} {'compile':>7} {'ckpt':>4} "
+          f"{'img/s':>9} {'step ms':>9} {'TFLOP/s':>8} {'MFU':>6} {'mem GB':>7}  ms per phase: "
+          + ", ".join(PHASES) + " (optimizer+EMA share)")
     choices = {"off": [False], "on": [True], "both": [False, True]}
+    paths = {"fsdp": [True], "plain": [False], "both": [True, False]}[args.path]
     rows = []
     for name in args.models:
         forward, params = forward_flops_per_image(name, args.input_size, args.in_channels, args.learn_sigma)
-        for compiled, checkpointing in itertools.product(choices[args.compile], choices[args.checkpointing]):
-            seconds, memory = bench_one(args, world, name, compiled, checkpointing)
+        for sharded, compiled, checkpointing in itertools.product(paths, choices[args.compile], choices[args.checkpointing]):
+            phases, memory = bench_one(args, world, name, compiled, checkpointing, sharded)
+            if world.device.type == "cuda":
+                torch.cuda.empty_cache()   # the last configuration's model is gone; its cache need not stay
+            seconds = sum(phases.values())
+            share = (phases["optimizer"] + phases["ema"]) / seconds
             images = args.batch_size / seconds
             achieved = 3 * forward * images
-            print(f"{name:<10} {params / 1e6:>7.1f}M {3 * forward / 1e9:>10.2f} {args.dtype:>5} "
+            path = "fsdp2" if sharded else "plain"
+            split = ", ".join(f"{phases[k] * 1e3:.1f}" for k in PHASES)
+            print(f"{name:<10} {path:>5} {params / 1e6:>7.1f}M {3 * forward / 1e9:>10.2f} {args.dtype:>5} "
                   f"{'on' if compiled else 'off':>7} {'on' if checkpointing else 'off':>4} {images:>9.1f} "
-                  f"{seconds * 1e3:>9.1f} {achieved / 1e12:>8.3f} {achieved / peak:>6.1%} {memory:>7.2f}", flush=True)
+                  f"{seconds * 1e3:>9.1f} {achieved / 1e12:>8.3f} {achieved / peak:>6.1%} {memory:>7.2f}  "
+                  f"{split} ({share:.0%})", flush=True)
             rows.append({"benchmark": "train", "figure": round(images, 1), "unit": "img/s",
-                         "setting": f"{name} {args.in_channels}x{args.input_size}x{args.input_size} "
+                         "setting": f"{name} {path} {args.in_channels}x{args.input_size}x{args.input_size} "
                                     f"b{args.batch_size} {args.dtype} compile {'on' if compiled else 'off'} "
                                     f"ckpt {'on' if checkpointing else 'off'}",
                          "extra": f"MFU {achieved / peak:.0%} of {peak / 1e12:.2f} TFLOP/s {args.dtype} matmul, "
-                                  f"{memory:.2f} GB"})
+                                  f"{memory:.2f} GB; ms {', '.join(f'{k} {phases[k] * 1e3:.1f}' for k in PHASES)}; "
+                                  f"optimizer+EMA {share:.0%}"})
     cleanup_distributed()
     return rows
 
