@@ -120,6 +120,21 @@ def tmpfs(tmp_path):
         subprocess.run(["umount", str(path)], check=True)
 
 
+def proc_stat(pid):
+    """(state, parent pid) of a process from /proc, or None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state, ppid = f.read().rsplit(")", 1)[1].split()[:2]  # after "pid (name)"
+    except (FileNotFoundError, ProcessLookupError):  # gone before or while it was read
+        return None
+    return state, int(ppid)
+
+
+def children(parent):
+    """Pids of the processes whose parent is `parent` (Linux /proc)."""
+    return [int(p) for p in os.listdir("/proc") if p.isdigit() and (stat := proc_stat(p)) and stat[1] == parent]
+
+
 @pytest.fixture(scope="session")
 def cifar():
     """The CIFAR-10 archive (train/<class>/NNNN.jpg, test/<class>/NNNN.jpg)."""

@@ -16,6 +16,7 @@ import torch
 from PIL import Image, ImageOps
 
 import store
+from conftest import children, proc_stat
 from extract_latents import builtin_image, center_crop_arr, main
 from store import StoreError, model_to_uint8, open_store, uint8_to_model
 
@@ -178,19 +179,9 @@ def test_resume_after_crash(tmp_path):
         run(*args[:-2], "--shard-size", 20, "--flip", "--out", out)
 
 
-def _proc_stat(pid):
-    """(state, parent pid) of a process from /proc, or None once it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state, ppid = f.read().rsplit(")", 1)[1].split()[:2]  # after "pid (name)"
-    except (FileNotFoundError, ProcessLookupError):  # gone before or while it was read
-        return None
-    return state, int(ppid)
-
-
 def _running(pid):
     """Neither gone nor a zombie (dead, waiting for whoever adopted it to reap it)."""
-    stat = _proc_stat(pid)
+    stat = proc_stat(pid)
     return stat is not None and stat[0] != "Z"
 
 
@@ -205,7 +196,7 @@ def test_kill_9_leaves_no_workers_and_resumes(tmp_path):
     while not (out / "00000000-00001000.json").exists():
         assert proc.poll() is None and time.time() < deadline, "extraction ended before its first shard"
         time.sleep(0.05)
-    workers = [int(p) for p in os.listdir("/proc") if p.isdigit() and (stat := _proc_stat(p)) and stat[1] == proc.pid]
+    workers = children(proc.pid)
     assert len(workers) == 2
     proc.kill()
     proc.wait()

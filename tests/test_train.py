@@ -23,6 +23,7 @@ import config
 import store as store_lib
 import train
 from diffusion import GaussianDiffusion
+from conftest import children
 from export import load_export
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,18 +136,14 @@ def straight(data, tmp_path_factory):
 def worker_pids(parent):
     """{rank: pid} of the processes `parent` (torchrun) started with a RANK in their environment."""
     workers = {}
-    for entry in filter(str.isdigit, os.listdir("/proc")):
+    for pid in children(parent):
         try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])   # after "pid (comm) state"
-            if ppid != parent:
-                continue
-            with open(f"/proc/{entry}/environ", "rb") as f:
+            with open(f"/proc/{pid}/environ", "rb") as f:
                 env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
         except OSError:   # the process ended meanwhile
             continue
         if b"RANK" in env:
-            workers[int(env[b"RANK"])] = int(entry)
+            workers[int(env[b"RANK"])] = pid
     return workers
 
 
