@@ -34,6 +34,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from config import ConfigError, flatten, load_config
@@ -235,6 +236,15 @@ def forward_backward(model, diffusion, micro_batches, num_buckets):
     return torch.stack(stats).sum(0)
 
 
+def clip_gradients(model, max_norm):
+    """Clip the gradients to global norm `max_norm` (0 = no clipping); returns the norm before clipping,
+    a 0-d device tensor (not read here: reading it would wait for the backward)."""
+    norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(model.parameters(), max_norm, norm)
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm   # FSDP2's grads are DTensors
+
+
 # ----------------------------------------------------------------------------------------------------
 # Checkpoints
 
@@ -394,6 +404,33 @@ def request_stop(signum, frame):
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+class StopVote:
+    """Whether any rank was asked to stop, agreed without waiting for the device: each step casts this
+    rank's STOP asynchronously over a CPU (gloo) group and reads the previous step's result, so every
+    rank stops after the same step, one or two steps after the signal. Sharing the log step's all-reduce
+    instead would put up to log_every steps between SIGTERM and the save: longer, on a large model, than
+    the 30 s torchrun waits before it sends SIGKILL."""
+
+    def __init__(self):
+        self.group = dist.new_group(backend="gloo")
+        self.pending = None
+
+    def agreed(self):
+        """The previous call's result (False on the first call); casts this call's vote."""
+        stop = self.wait()
+        vote = torch.tensor([float(STOP["requested"])])   # host memory: reading it syncs nothing
+        self.pending = vote, dist.all_reduce(vote, group=self.group, async_op=True)
+        return stop
+
+    def wait(self):
+        if self.pending is None:
+            return False
+        vote, work = self.pending
+        work.wait()
+        self.pending = None
+        return vote.item() > 0
+
+
 def run_settings(margs, dargs, store):
     """What the weights of a run mean, as dotted keys: the model, the whole diffusion, the data space.
     Recorded in <run>/run.json; a run resumes only under the same values (steps, batch, world size,
@@ -453,6 +490,23 @@ def load_newest(run_dir, model, ema, optimizer, world):
         fail(f"no checkpoint of {run_dir} loads (set aside: {', '.join(damaged)}): move them out of "
              f"{run_dir / 'checkpoints'} to start this run over, or choose another run.name")
     return None
+
+
+def to_device(tensor, device):
+    """Host to device without making the host wait: from pinned memory the copy is queued like a kernel
+    (from pageable memory it would wait for the device's queue)."""
+    if device.type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
+def first_non_finite(first_bad):
+    """The first step whose loss (on any rank) or gradient norm was not finite, or None. A collective
+    that reads a device value: the training loop calls it only on log steps and before every save."""
+    agreed = first_bad.clone()
+    dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+    bad = agreed.item()
+    return None if math.isinf(bad) else int(bad)
 
 
 def fail(message):
@@ -527,13 +581,22 @@ def main(argv=None):
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
+    stop_vote = StopVote()
     tb = open_tensorboard(cfg, run_dir) if world.is_main else None
     shape = tuple(store.manifest["shape"])
     num_buckets = t_cfg["num_buckets"]
+    every_log, every_save, every_export = t_cfg["log_every"], cfg["checkpoint"]["every"], cfg["checkpoint"]["export_every"]
+    # Device-side running values, read only at sync points: the stats' sums since the last log step, and
+    # the first step (1-based) whose loss or gradient norm was not finite (inf: none yet).
     totals, logged_steps, t_log = 0, 0, time.perf_counter()
+    first_bad = torch.full((), math.inf, dtype=torch.float64, device=world.device)
     bar = tqdm(total=t_cfg["steps"], initial=step, disable=not world.is_main, dynamic_ncols=True, desc=run_name)
     model.train()
 
+    # A step that neither logs nor saves never waits for the device: it reads no device value (the
+    # gradient norm, the loss and the non-finite check stay on the device; the stop flag is a host-side
+    # vote), and its batch reaches the device by asynchronous copies. So the host prepares the next batch
+    # and queues its work while the device still runs this step. tests/test_train.py counts the reads.
     while step < t_cfg["steps"]:
         # This rank's rows [rank*local_batch, (rank+1)*local_batch) of the global batch; micro-batches
         # are contiguous sub-slices of those rows.
@@ -544,25 +607,14 @@ def main(argv=None):
         flips &= cfg["data"]["random_flip"]
         x0, y = store.read_model(indices, flips, posterior_noise)
         y = torch.where(drop_label, store.num_classes, y)   # the null label trains the unconditional model
-        micro_batches = [tuple(a[i:i + micro].to(world.device, non_blocking=True) for a in (x0, y, t, noise))
+        x0, y, t, noise = (to_device(a, world.device) for a in (x0, y, t, noise))
+        micro_batches = [(x0[i:i + micro], y[i:i + micro], t[i:i + micro], noise[i:i + micro])
                          for i in range(0, local_batch, micro)]
 
         stats = forward_backward(model, diffusion, micro_batches, num_buckets)
-        max_norm = cfg["optim"]["grad_clip"] if cfg["optim"]["grad_clip"] > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-        grad_norm = grad_norm.full_tensor()   # a DTensor under FSDP2
-        # One all-reduce per step: loss sums, bucket sums and the stop flag, so all ranks agree.
-        flag = torch.tensor([float(STOP["requested"])], dtype=torch.float64, device=world.device)
-        packed = torch.cat([stats, flag])
-        dist.all_reduce(packed)
-        packed = packed.cpu()
-        grad_norm = float(grad_norm)
-        loss = float(packed[0] / packed[2])
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            bar.close()
-            fail(f"non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {step + 1}; stopped without "
-                 f"saving, last checkpoint: {checkpoint_dirs(run_dir)[-1].name if checkpoint_dirs(run_dir) else 'none'}")
-
+        grad_norm = clip_gradients(model, cfg["optim"]["grad_clip"])
+        finite = torch.isfinite(stats[0]) & torch.isfinite(grad_norm)
+        first_bad = torch.where(finite, first_bad, first_bad.clamp(max=step + 1))
         for group in optimizer.param_groups:
             group["lr"] = lr_at(cfg, step)
         optimizer.step()
@@ -571,12 +623,25 @@ def main(argv=None):
         samples_seen += batch
         decay = min(t_cfg["ema_decay"], (1 + step) / (10 + step)) if t_cfg["ema_warmup"] else t_cfg["ema_decay"]
         update_ema(ema, model, decay)
-
-        totals, logged_steps = totals + packed[:-1], logged_steps + 1
+        totals, logged_steps = totals + stats, logged_steps + 1
         bar.update(1)
-        if step % t_cfg["log_every"] == 0 or step == t_cfg["steps"]:
+
+        stop = stop_vote.agreed()
+        log_now = step % every_log == 0 or step == t_cfg["steps"]
+        save_now = step % every_save == 0 or step == t_cfg["steps"] or stop
+        export_now = every_export > 0 and step % every_export == 0 and step != t_cfg["steps"]
+        # A non-finite step is caught here, before any checkpoint or export could hold its weights.
+        bad = first_non_finite(first_bad) if log_now or save_now or export_now else None
+        if bad is not None:
+            bar.close()
+            newest = checkpoint_dirs(run_dir)
+            fail(f"non-finite loss or gradient norm at step {bad}; found at step {step} (checked every log "
+                 f"step and before every save), stopped without saving, last checkpoint: "
+                 f"{newest[-1].name if newest else 'none'}")
+        if log_now:
+            dist.all_reduce(totals)
             seconds = time.perf_counter() - t_log
-            record = metrics_record(step, totals, logged_steps, seconds, cfg, grad_norm, world.device)
+            record = metrics_record(step, totals.cpu(), logged_steps, seconds, cfg, grad_norm.item(), world.device)
             if world.is_main:
                 with open(run_dir / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
@@ -587,17 +652,16 @@ def main(argv=None):
                             tb.add_scalar(key, value, step)
             totals, logged_steps, t_log = 0, 0, time.perf_counter()
 
-        stop = bool(packed[-1] > 0)
-        if step % cfg["checkpoint"]["every"] == 0 or step == t_cfg["steps"] or stop:
+        if save_now:
             save_checkpoint(run_dir, model, ema, optimizer, step, samples_seen, world, cfg["checkpoint"]["keep_last"])
-        every_export = cfg["checkpoint"]["export_every"]
-        if every_export > 0 and step % every_export == 0 and step != t_cfg["steps"]:
+        if export_now:
             export_checkpoint(run_dir / "checkpoints" / f"step-{step:07d}.pt", model, ema,
                               {**export_args, "step": step}, world)
         if stop:
             if world.is_main:
                 print(f"\ntrain.py: stopped by signal after step {step}; checkpoint saved", flush=True)
             break
+    stop_vote.wait()   # the last step's vote: no collective left unfinished
     bar.close()
 
     if step >= t_cfg["steps"]:   # also when resumed at the end: a crash may have come before the export

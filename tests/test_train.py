@@ -302,16 +302,25 @@ def test_sigterm_saves_and_exits_zero(data, tmp_path):
     assert len(saved) == 1 and saved[0].name == f"step-{last:07d}"
 
 
-def test_non_finite_loss_stops_with_clear_error(data, tmp_path):
+@pytest.mark.parametrize("log_every, save_every", [(1, 1), (5, 3)])
+def test_non_finite_loss_stops_with_clear_error(data, tmp_path, log_every, save_every):
     """An absurd learning rate blows the weights up; the run stops naming the step and never saves the
-    non-finite state."""
-    proc = launch(tiny_args(data, tmp_path, "run", "train.steps=50", "optim.lr=1e30"), 1, check=False)
+    non-finite state. Steps between log and save steps are not checked as they run (that would wait for
+    the device): the non-finite step is found at the next log or save step, before anything is saved."""
+    sets = ("train.steps=50", "optim.lr=1e30", f"train.log_every={log_every}", f"checkpoint.every={save_every}")
+    proc = launch(tiny_args(data, tmp_path, "run", *sets), 1, check=False)
     assert proc.returncode == 1
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("train.py: error: non-finite")]
     assert len(lines) == 1 and " at step " in lines[0], proc.stderr[-2000:]
     bad_step = int(lines[0].split(" at step ")[1].split(";")[0])
-    saved = train.checkpoint_dirs(tmp_path / "run")
-    assert saved and saved[-1].name == f"step-{bad_step - 1:07d}"
+    found = int(lines[0].split("found at step ")[1].split(" ")[0])
+    checked = [s for s in range(1, 51) if s % log_every == 0 or s % save_every == 0]
+    assert found == min(s for s in checked if s >= bad_step)
+    saved = [int(p.name[5:]) for p in train.checkpoint_dirs(tmp_path / "run")]
+    assert saved == [s for s in range(save_every, bad_step, save_every)]
+    if saved:
+        state = load_dcp(tmp_path / "run", saved[-1], tmp_path)
+        assert all(torch.isfinite(v).all() for v in flat_tensors(state["model"]).values())
 
 
 @pytest.mark.parametrize("sets, message", [
@@ -439,3 +448,50 @@ def test_step_randomness_is_per_row_and_distributed_right():
     for x in (noise, posterior):
         assert x.dtype == torch.float32 and abs(x.mean().item()) < 0.01 and abs(x.std().item() - 1) < 0.01
     assert abs(torch.corrcoef(torch.stack([noise.flatten(), posterior.flatten()]))[0, 1].item()) < 0.01
+
+
+class DeviceReads(torch.overrides.TorchFunctionMode):
+    """Records every read of a device value into the host (.item(), .tolist(), .cpu(), .numpy(), float(),
+    int(), bool(): on a GPU each one makes the host wait for the device) with the training loop's `step`
+    at that moment. On a CPU every tensor is a host tensor, so the host side is tracked by provenance: a
+    tensor is a host tensor when torch made it from host tensors only (or from none), without device=
+    and not by .to(); everything else counts as the device's (the batch after train.to_device,
+    parameters, gradients, and whatever this mode does not see being made)."""
+
+    READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.cpu, torch.Tensor.numpy,
+             torch.Tensor.__float__, torch.Tensor.__int__, torch.Tensor.__bool__, torch.Tensor.__index__}
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        inputs = [x for x in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
+        host = all(hasattr(x, "host") for x in inputs) and "device" not in kwargs and func is not torch.Tensor.to
+        if func in self.READS and not host:
+            frame = sys._getframe(1)
+            while frame and not (frame.f_code.co_name == "main" and frame.f_code.co_filename == train.__file__):
+                frame = frame.f_back
+            if frame and "bar" in frame.f_locals:   # inside the training loop
+                self.reads.append((frame.f_locals["step"], func.__name__))
+        out = func(*args, **kwargs)
+        if host:
+            for x in torch.utils._pytree.tree_leaves(out):
+                if isinstance(x, torch.Tensor) and not isinstance(x, torch.nn.Parameter):
+                    x.host = True
+        return out
+
+
+def test_only_log_and_save_steps_read_device_values(data, tmp_path, monkeypatch):
+    """The loop's host waits on the device: none in steps that neither log nor save, some in those that
+    do (so the counter is known to see them). 10 steps, log every 4, save every 6, world of one."""
+    args = tiny_args(data, tmp_path, "run", "train.steps=10", "train.log_every=4", "checkpoint.every=6")
+    reads = DeviceReads()
+    # On a CPU the copy to the device returns its input; a copy stands for the device's tensor.
+    monkeypatch.setattr(train, "to_device", lambda tensor, device: tensor.to(device, copy=True))
+    with reads:
+        train.main(args)
+    steps = {step for step, _ in reads.reads}
+    assert steps and steps <= {4, 6, 8, 10}, reads.reads
+    assert {4, 6, 8} <= steps, reads.reads
