@@ -3,6 +3,7 @@
     python -m bench.bench_train --models DiT-Ti/4 --input-size 32 --in-channels 3 --batch-size 32   # CPU
     python -m bench.bench_train --models DiT-B/2 DiT-XL/2 --input-size 32 --in-channels 4 \\
         --batch-size 64 --dtype bf16 --compile both --checkpointing both                      # one GPU
+    python -m bench.bench_train --randomness --global-batch 256 2048 --ranks 1 2 8              # per-rank draws
 
 The step is train.py's own (FSDP2 world of one, MixedPrecisionPolicy, AdamW, grad-norm, EMA update);
 only the data is synthetic. MFU = model FLOPs per second / the matmul rate measured in the same run,
@@ -143,8 +144,30 @@ def bench_one(args, world, name, compiled, checkpointing, sharded):
     return seconds, train.peak_memory_gb(world.device)
 
 
+def bench_randomness(args):
+    """ms per step of train.step_randomness on one rank of each world size: a rank draws only its own
+    rows of the global batch, so the cost should follow global batch / ranks."""
+    diffusion = GaussianDiffusion()
+    shape = (args.in_channels, args.input_size, args.input_size)
+    print(f"step_randomness, {'x'.join(map(str, shape))} per sample: ms per step on one rank "
+          f"(median of {args.steps}, {torch.get_num_threads()} threads)")
+    print(f"{'global batch':>12} " + " ".join(f"{f'{r} ranks':>9}" for r in args.ranks))
+    for batch in args.global_batch:
+        times = []
+        for ranks in args.ranks:
+            rows = range(0, batch // ranks)   # rank 0's rows; every rank's cost is the same
+            samples = []
+            for step in range(args.warmup + args.steps):
+                start = time.perf_counter()
+                train.step_randomness(0, step, diffusion, rows, shape, 0.1)
+                samples.append(time.perf_counter() - start)
+            times.append(sorted(samples[args.warmup:])[args.steps // 2] * 1e3)
+        print(f"{batch:>12} " + " ".join(f"{ms:>9.1f}" for ms in times), flush=True)
+
+
 def main(argv=None):
-    """Print the table; return its rows as dicts (benchmark, setting, figure, unit, extra)."""
+    """Print the table; return its rows as dicts (benchmark, setting, figure, unit, extra), or nothing
+    with --randomness."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=["DiT-Ti/4"])
     parser.add_argument("--input-size", type=int, default=32, help="model input side (latents: image size / 8)")
@@ -160,7 +183,13 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
     parser.add_argument("--matmul-size", type=int, default=None, help="side of the peak-rate matmul (default: 8192 GPU, 1024 CPU)")
+    parser.add_argument("--randomness", action="store_true",
+                        help="only time the per-rank randomness at --global-batch x --ranks (no model)")
+    parser.add_argument("--global-batch", type=int, nargs="+", default=[256, 2048])
+    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 8])
     args = parser.parse_args(argv)
+    if args.randomness:
+        return bench_randomness(args)
     if args.path != "fsdp" and args.dtype != "fp32":
         parser.error("--path plain/both compares fp32 steps: bf16 on a plain module would need autocast, not train.py's step")
 
