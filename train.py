@@ -245,6 +245,23 @@ def clip_gradients(model, max_norm):
     return norm.full_tensor() if isinstance(norm, DTensor) else norm   # FSDP2's grads are DTensors
 
 
+def to_device(tensor, device):
+    """Host to device without making the host wait: from pinned memory the copy is queued like a kernel
+    (from pageable memory it would wait for the device's queue)."""
+    if device.type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
+def first_non_finite(first_bad):
+    """The first step whose loss (on any rank) or gradient norm was not finite, or None. A collective
+    that reads a device value: the training loop calls it only on log steps and before every save."""
+    agreed = first_bad.clone()
+    dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+    bad = agreed.item()
+    return None if math.isinf(bad) else int(bad)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Checkpoints
 
@@ -490,23 +507,6 @@ def load_newest(run_dir, model, ema, optimizer, world):
         fail(f"no checkpoint of {run_dir} loads (set aside: {', '.join(damaged)}): move them out of "
              f"{run_dir / 'checkpoints'} to start this run over, or choose another run.name")
     return None
-
-
-def to_device(tensor, device):
-    """Host to device without making the host wait: from pinned memory the copy is queued like a kernel
-    (from pageable memory it would wait for the device's queue)."""
-    if device.type == "cuda":
-        tensor = tensor.pin_memory()
-    return tensor.to(device, non_blocking=True)
-
-
-def first_non_finite(first_bad):
-    """The first step whose loss (on any rank) or gradient norm was not finite, or None. A collective
-    that reads a device value: the training loop calls it only on log steps and before every save."""
-    agreed = first_bad.clone()
-    dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
-    bad = agreed.item()
-    return None if math.isinf(bad) else int(bad)
 
 
 def fail(message):
