@@ -91,7 +91,7 @@ import sys
 from store import open_store, save_grid
 store, out, per_class = open_store(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 images, _ = store.read([c + store.num_classes * k for c in range(store.num_classes) for k in range(per_class)])
-save_grid(out, images, rows=store.num_classes)   # builtin labels are index % 10: row c holds class c
+save_grid(out, images, store.class_names)   # builtin labels are index % 10: row c holds class c
 print(f"saved {out}")
 EOF
 fi

@@ -73,7 +73,7 @@ def run(args):
         torch.set_float32_matmul_precision("high")
 
     try:
-        model, diffusion, vae_id, scale_factor, _ = load_export(
+        model, diffusion, vae_id, scale_factor, class_names = load_export(
             args.ckpt, args.weights, model=args.model, image_size=args.image_size, num_classes=args.num_classes,
             learn_sigma=args.learn_sigma, vae=args.vae)
     except ExportError as e:
@@ -109,7 +109,8 @@ def run(args):
             images = np.concatenate([images_of(range(lo, min(lo + args.batch_size, len(labels))),
                                               labels[lo:lo + args.batch_size])
                                      for lo in tqdm(range(0, len(labels), args.batch_size), unit="batch")])
-            save_grid(args.grid, images, rows=len(classes))
+            # Official DiT files record no class names: their rows are labelled by class id.
+            save_grid(args.grid, images, [class_names[c] if class_names else f"class {c}" for c in classes])
             print(f"saved {args.grid}")
         cleanup_distributed()
         return

@@ -24,7 +24,7 @@ import os
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from distributed import DiskFullError, atomic_write
 
@@ -87,15 +87,28 @@ def open_rgb(source, name, *, exif_transpose=True):
         raise StoreError(f"{name}: cannot read image ({e})") from None
 
 
-def save_grid(path, images, rows, pad=2):
-    """images: uint8 [rows*cols, H, W, 3] in row-major order -> one PNG with black gutters."""
+def save_grid(path, images, row_names, pad=2):
+    """images: uint8 [rows*cols, H, W, 3] in row-major order, one row per name of `row_names` -> one PNG
+    with black gutters and each row's name to the right of its row. The tiles keep their place whatever
+    the names (tile (r, c) starts at pad + r*(H+pad), pad + c*(W+pad)), and hold the images unchanged."""
     n, h, w, _ = images.shape
+    rows = len(row_names)
     cols = n // rows
-    grid = np.zeros((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), np.uint8)
+    if cols * rows != n or cols == 0:
+        raise ValueError(f"save_grid: {n} images do not fill {rows} rows")
+    # PIL's built-in font (no font file needed): about 60 % of a row, readable from 10 px up.
+    font = ImageFont.load_default(size=min(max(round(0.6 * h), 10), 24))
+    label_width = max(font.getbbox(str(name))[2] for name in row_names) + 2 * pad
+    tiles_width = cols * (w + pad) + pad
+    grid = np.zeros((rows * (h + pad) + pad, tiles_width + label_width, 3), np.uint8)
     for k, image in enumerate(images):
         r, c = divmod(k, cols)
         grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = image
-    atomic_write(path, lambda f: Image.fromarray(grid).save(f, format="PNG"))
+    img = Image.fromarray(grid)
+    draw = ImageDraw.Draw(img)
+    for r, name in enumerate(row_names):   # left-aligned, vertically centred on the row
+        draw.text((tiles_width, pad + r * (h + pad) + h / 2), str(name), fill=(255, 255, 255), font=font, anchor="lm")
+    atomic_write(path, lambda f: img.save(f, format="PNG"))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -55,6 +55,24 @@ def test_pixel_mapping_round_trip():
                        torch.tensor([0, 255], dtype=torch.uint8))
 
 
+def test_grid_tiles_are_the_images_and_each_row_carries_its_name(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(3 * 4, 16, 16, 3), dtype=np.uint8)
+    names = ["red-circle", "red-circle", "yellow-star"]
+    store.save_grid(tmp_path / "grid.png", images, names)
+    grid = np.asarray(Image.open(tmp_path / "grid.png"))
+    tiles_width = 4 * 18 + 2
+    assert grid.shape[0] == 3 * 18 + 2 and grid.shape[1] > tiles_width
+    for k, image in enumerate(images):   # tile (r, c) at 2 + 18 r, 2 + 18 c, pixel for pixel
+        r, c = divmod(k, 4)
+        assert np.array_equal(grid[2 + 18 * r:18 + 18 * r, 2 + 18 * c:18 + 18 * c], image)
+    labels = [grid[2 + 18 * r:18 + 18 * r, tiles_width:] for r in range(3)]
+    assert all(label.max() > 0 for label in labels)           # every row has its name drawn
+    assert np.array_equal(labels[0], labels[1]) and not np.array_equal(labels[0], labels[2])
+    with pytest.raises(ValueError, match="do not fill 5 rows"):
+        store.save_grid(tmp_path / "bad.png", images, ["a"] * 5)
+
+
 def test_cifar_subset_from_archive(cifar, tmp_path):
     out = tmp_path / "cifar"
     run("--data", cifar, "--split", "train", "--limit-per-class", 12, "--image-size", 32, "--vae", "none",

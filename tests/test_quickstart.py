@@ -42,7 +42,8 @@ def test_quickstart_tiny_end_to_end_and_resume(tmp_path):
     # The real grid: row c holds the first images of class c, in the generated grid's layout (16 px, 2 px gutters).
     store = open_store(tmp_path / "builtin")
     tiles = np.asarray(Image.open(real))
-    assert tiles.shape == np.asarray(Image.open(grid)).shape == (10 * 18 + 2, 2 * 18 + 2, 3)
+    assert tiles.shape == np.asarray(Image.open(grid)).shape   # same layout, same class names beside the rows
+    assert tiles.shape[0] == 10 * 18 + 2 and tiles.shape[1] > 2 * 18 + 2
     for c in (0, 3, 9):
         for k in range(2):
             index = c + 10 * k

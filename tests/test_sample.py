@@ -160,8 +160,11 @@ def test_plain_dit_state_dict_decodes_through_vae(dit_file, tmp_path):
         "--sampler", "ddpm", "--steps", 3, "--cfg-scale", 2, "--cfg-channels", 3,
         "--grid", grid, "--classes", "0,2", "--per-class", 3)
     image = np.asarray(Image.open(grid))
-    assert image.shape == (2 * (64 + 2) + 2, 3 * (64 + 2) + 2, 3)  # rows = classes, 64 px images, 2 px gutters
+    # rows = classes, 64 px images, 2 px gutters, then the row labels (no names in a DiT file: class ids)
+    assert image.shape[0] == 2 * (64 + 2) + 2 and image.shape[1] > 3 * (64 + 2) + 2
     assert image[2:66, 2:66].std() > 0
+    labels = image[:, 3 * (64 + 2) + 2:]
+    assert labels[2:66].max() > 0 and not np.array_equal(labels[2:66], labels[68:132])
 
 
 def test_bad_inputs_are_one_line_errors(export, dit_file, tmp_path):
