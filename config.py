@@ -4,10 +4,23 @@ Every key and its type come from the defaults (train.py's DEFAULTS): a key they 
 error with a suggestion, and a value of the wrong type is an error naming the key, each in one line
 (ConfigError), never a yaml traceback or a silently ignored setting.
 """
+import argparse
 import copy
 import difflib
 
 import yaml
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every script's --help: descriptions and epilogs as written, and each option's default after its
+    help. Not shown: None (the help says what happens then), off switches and empty lists."""
+
+    def _get_help_string(self, action):
+        default = action.default
+        if default is None or default is False or default == [] or default == argparse.SUPPRESS \
+                or "%(default)" in action.help:
+            return action.help
+        return action.help + " (default: %(default)s)"
 
 
 class ConfigError(ValueError):

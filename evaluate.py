@@ -36,6 +36,7 @@ from pytorch_fid.inception import FIDInceptionA, FIDInceptionC, FIDInceptionE_1,
 from torchvision.models.inception import BasicConv2d, InceptionB, InceptionD
 from tqdm import tqdm
 
+from config import HelpFormatter
 from distributed import DiskFullError, atomic_write
 from store import IMAGE_EXTENSIONS, StoreError, open_rgb, open_store, sha256_file
 
@@ -484,7 +485,7 @@ def main(argv=None):
         epilog="examples:\n  python evaluate.py samples.npz --ref VIRTUAL_imagenet256_labeled.npz\n"
                "  python evaluate.py data/train --save-stats train_stats.npz\n"
                "  python evaluate.py samples.npz --ref train_stats.npz --limit 5000   # FID-5K",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        formatter_class=HelpFormatter)
     parser.add_argument("samples", help="images to evaluate: .npz (arr_0 uint8 NHWC), .npy, image folder or pixel store")
     parser.add_argument("--ref", help="reference: ADM reference batch, pytorch-fid / --save-stats statistics .npz, or images")
     parser.add_argument("--save-stats", metavar="OUT.npz",
@@ -492,8 +493,8 @@ def main(argv=None):
     parser.add_argument("--out", help="JSON results file (default: <samples>.eval.json)")
     parser.add_argument("--limit", type=int, help="use the first N sample images (e.g. 5000 for FID-5K)")
     parser.add_argument("--ref-limit", type=int, help="use the first N reference images (when --ref is images)")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per Inception batch")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     parser.add_argument("--no-pr", action="store_true", help="skip precision/recall (saves the reference arr_0 pass)")
     args = parser.parse_args(argv)
     if not args.ref and not args.save_stats:

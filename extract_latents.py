@@ -45,6 +45,7 @@ from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from config import HelpFormatter
 from distributed import barrier, cleanup_distributed, init_distributed, remove_dead_temps
 from store import (IMAGE_EXTENSIONS, SD_VAE_SCALE_FACTOR, StoreError, encode_posterior, load_vae, open_rgb,
                    shard_finished, write_manifest, write_shard)
@@ -396,11 +397,11 @@ def collate(items):
 #################################################################################
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--data", default="builtin", help="'builtin', an image folder, or a .zip/.tar/.tar.gz archive")
     parser.add_argument("--split", default="", help="sub-folder inside --data holding the class folders (e.g. train)")
     parser.add_argument("--out", required=True, help="output store directory")
-    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--image-size", type=int, default=256, help="square side in pixels (center crop)")
     parser.add_argument("--vae", default="stabilityai/sd-vae-ft-ema", help="'none' for pixels, else a hub id or a local folder")
     parser.add_argument("--flip", action="store_true", help="also store the horizontally flipped copy of every image")
     parser.add_argument("--num-images", type=int, default=10000, help="size of the builtin dataset")

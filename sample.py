@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from config import HelpFormatter
 from diffusion import generate
 from distributed import DiskFullError, atomic_write, barrier, cleanup_distributed, init_distributed
 from export import DIT_DEFAULTS, ExportError, load_export
@@ -172,7 +173,8 @@ def run(args):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Sample a class-conditional diffusion model to a grid or an ADM .npz.")
+    parser = argparse.ArgumentParser(description="Sample a class-conditional diffusion model to a grid or an ADM .npz.",
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--ckpt", required=True, help="exported checkpoint (train.py) or an official DiT .pt")
     parser.add_argument("--weights", choices=["ema", "model"], default="ema",
                         help="which weights of an exported checkpoint (official DiT files hold EMA weights)")
@@ -184,7 +186,8 @@ def parse_args(argv=None):
     parser.add_argument("--vae", default=None,
                         help=f"VAE hub id or local folder for latent models (default: the checkpoint's, "
                              f"{DIT_DEFAULTS['vae']} for DiT files)")
-    parser.add_argument("--sampler", choices=["ddpm", "ddim", "heun"], default="ddpm")
+    parser.add_argument("--sampler", choices=["ddpm", "ddim", "heun"], default="ddpm",
+                        help="ancestral DDPM, DDIM (see --eta) or EDM's Heun")
     parser.add_argument("--steps", type=int, default=250, help="sampling steps (DiT: DDPM 250)")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0 = deterministic)")
     parser.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
@@ -194,7 +197,7 @@ def parse_args(argv=None):
     parser.add_argument("--clip-denoised", action="store_true", help="clip predicted x0 to [-1, 1] (pixel models)")
     parser.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32",
                         help="bf16 autocasts the network only")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="sample i draws its noise from (seed, i)")
     parser.add_argument("--batch-size", type=int, default=32, help="per rank; does not change the images")
     use = parser.add_mutually_exclusive_group(required=True)
     use.add_argument("--grid", help="write a PNG grid (rows = --classes, columns = --per-class)")

@@ -37,7 +37,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
-from config import ConfigError, flatten, load_config
+from config import ConfigError, HelpFormatter, flatten, load_config
 from diffusion import GaussianDiffusion
 from distributed import (DiskFullError, atomic_write, barrier, cleanup_distributed, disk_full, init_distributed,
                          seed_for)
@@ -518,7 +518,7 @@ def fail(message):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--config", help="YAML file overriding train.py's DEFAULTS")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config key, e.g. --set optim.lr=2e-4 (repeatable)")

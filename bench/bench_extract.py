@@ -13,6 +13,7 @@ import time
 import torch
 
 import extract_latents
+from config import HelpFormatter
 
 # AutoencoderKL config of stabilityai/sd-vae-ft-ema (8x downsampling, 4 latent channels, ~84M parameters).
 SD_VAE_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
@@ -28,15 +29,15 @@ def timed_extract(args):
 
 def main(argv=None):
     """Print the table; return its rows as dicts (benchmark, setting, figure, unit, extra)."""
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--data", default="data/cifar10-jpeg.tar.gz",
                         help="CIFAR-10 as JPEG files in ImageNet folder layout (train/<class>/*.jpg, test/<class>/*.jpg), "
                              "as an archive (.tar.gz, .tar, .zip) or a folder (default: %(default)s, from the repository root)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda adds the latent-mode run")
     parser.add_argument("--pixel-per-class", type=int, default=1000, help="CIFAR-10 train images per class, pixel mode")
     parser.add_argument("--latent-per-class", type=int, default=200, help="images per class, latent mode at 256 px")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1))
+    parser.add_argument("--batch-size", type=int, default=64, help="images per decode/encode batch")
+    parser.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1), help="decode processes")
     args = parser.parse_args(argv)
     if not os.path.exists(args.data):
         raise SystemExit(f"bench_extract: {args.data} not found: CIFAR-10 JPEGs are needed (see --data in --help)")

@@ -23,6 +23,7 @@ import time
 import torch
 
 import evaluate
+from config import HelpFormatter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -54,13 +55,13 @@ def timed(cmd, env=None):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--data", default="data/cifar10-jpeg.tar.gz",
                         help="CIFAR-10 as JPEG files in ImageNet folder layout (train/<class>/*.jpg, test/<class>/*.jpg), "
                              "as a .tar.gz archive (default: %(default)s, from the repository root)")
     parser.add_argument("--num-images", type=int, default=100, help="images per folder (train and test)")
-    parser.add_argument("--batch-size", type=int, default=50)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch-size", type=int, default=50, help="images per Inception batch")
+    parser.add_argument("--device", default="cpu", help="torch device")
     args = parser.parse_args(argv)
     if not os.path.exists(args.data):
         raise SystemExit(f"bench_fid: {args.data} not found: CIFAR-10 JPEGs are needed (see --data in --help)")

@@ -14,6 +14,7 @@ import time
 import torch
 
 from bench.bench_extract import SD_VAE_CONFIG
+from config import HelpFormatter
 from diffusion import GaussianDiffusion, generate
 from models import ALL_MODELS
 from store import SD_VAE_SCALE_FACTOR, model_to_images
@@ -97,22 +98,22 @@ def run(args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="DiT-XL/2", choices=list(ALL_MODELS))
-    parser.add_argument("--mode", choices=["latents", "pixels"], default="latents")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    parser.add_argument("--model", default="DiT-XL/2", choices=list(ALL_MODELS), metavar="NAME", help="models.py name")
+    parser.add_argument("--mode", choices=["latents", "pixels"], default="latents", help="latents decode through a random-weight SD-sized VAE")
     parser.add_argument("--image-size", type=int, default=256, help="pixels (latents are 1/8)")
-    parser.add_argument("--num-classes", type=int, default=1000)
-    parser.add_argument("--learn-sigma", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--sampler", choices=["ddpm", "ddim", "heun"], default="ddpm")
+    parser.add_argument("--num-classes", type=int, default=1000, help="label table size")
+    parser.add_argument("--learn-sigma", action=argparse.BooleanOptionalAction, default=True, help="DiT's learned variance")
+    parser.add_argument("--sampler", choices=["ddpm", "ddim", "heun"], default="ddpm", help="as sample.py's")
     parser.add_argument("--steps", type=int, default=250, help="the full run's steps (extrapolated to)")
     parser.add_argument("--timed-steps", type=int, default=10, help="steps actually timed")
-    parser.add_argument("--eta", type=float, default=0.0)
-    parser.add_argument("--cfg-scale", type=float, default=1.5)
-    parser.add_argument("--cfg-channels", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise")
+    parser.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale (1 = off)")
+    parser.add_argument("--cfg-channels", type=int, default=None, help="guide only the first N channels (default: all)")
+    parser.add_argument("--batch-size", type=int, default=64, help="samples per batch")
+    parser.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32", help="as sample.py's")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    parser.add_argument("--seed", type=int, default=0, help="noise seed")
     return run(parser.parse_args(argv))
 
 

@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import train
+from config import HelpFormatter
 from diffusion import GaussianDiffusion
 from distributed import cleanup_distributed, init_distributed
 from models import ALL_MODELS
@@ -168,12 +169,12 @@ def bench_randomness(args):
 def main(argv=None):
     """Print the table; return its rows as dicts (benchmark, setting, figure, unit, extra), or nothing
     with --randomness."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", nargs="+", default=["DiT-Ti/4"])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["DiT-Ti/4"], help="models.py names, timed one after another")
     parser.add_argument("--input-size", type=int, default=32, help="model input side (latents: image size / 8)")
-    parser.add_argument("--in-channels", type=int, default=4)
-    parser.add_argument("--learn-sigma", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--in-channels", type=int, default=4, help="4 = SD latents, 3 = pixels")
+    parser.add_argument("--learn-sigma", action=argparse.BooleanOptionalAction, default=True, help="DiT's learned variance")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per step")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
                         help="compute dtype (train.precision); master weights stay fp32")
     parser.add_argument("--compile", choices=["off", "on", "both"], default="off", help="per-block torch.compile")

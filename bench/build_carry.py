@@ -27,6 +27,7 @@ import tarfile
 import torch
 
 import evaluate
+from config import HelpFormatter
 from distributed import atomic_write
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,12 +74,12 @@ def cifar_subset(archive, out, per_split):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=os.path.join(ROOT, ".carry"))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    parser.add_argument("--out", default=os.path.join(ROOT, ".carry"), help="folder to build")
     parser.add_argument("--data", default=os.path.join(ROOT, "data", "cifar10-jpeg.tar.gz"),
                         help="CIFAR-10 as JPEG files in class folders (train/<class>/NNNN.jpg, test/<class>/NNNN.jpg)")
-    parser.add_argument("--train-per-class", type=int, default=2500)
-    parser.add_argument("--test-per-class", type=int, default=500)
+    parser.add_argument("--train-per-class", type=int, default=2500, help="train images per class")
+    parser.add_argument("--test-per-class", type=int, default=500, help="test images per class")
     args = parser.parse_args(argv)
     if not os.path.exists(args.data):
         sys.exit(f"build_carry.py: error: {args.data} not found (CIFAR-10 JPEGs in class folders; see --help)")

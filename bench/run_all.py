@@ -21,6 +21,8 @@ import subprocess
 import time
 import traceback
 
+from config import HelpFormatter
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # (module, argv) per device; --quick swaps in the second list. CPU sizes follow the README's commands,
@@ -117,8 +119,8 @@ def markdown(rows):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="torch device")
     parser.add_argument("--quick", action="store_true", help="smaller sizes still (a smoke run, not figures to quote)")
     parser.add_argument("--out", default=None, help="also write the header and rows as JSON here")
     parser.add_argument("--only", nargs="+", choices=["train", "sample", "fid", "extract"],

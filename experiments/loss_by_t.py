@@ -21,6 +21,7 @@ import sys
 import torch
 from tqdm import tqdm
 
+from config import HelpFormatter
 from diffusion import respace_timesteps
 from distributed import DiskFullError, atomic_write
 from export import ExportError, load_export
@@ -58,15 +59,15 @@ def held_out_batch(store, num_images, seed):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--ckpt", required=True, help="exported checkpoint (train.py)")
     p.add_argument("--data", required=True, help="held-out store (extract_latents.py), same kind as the training data")
-    p.add_argument("--weights", choices=["ema", "model"], default="ema")
-    p.add_argument("--num-images", type=int, default=256)
+    p.add_argument("--weights", choices=["ema", "model"], default="ema", help="which weights of the export")
+    p.add_argument("--num-images", type=int, default=256, help="held-out images, each at every timestep")
     p.add_argument("--timesteps", type=int, default=20, help="K timesteps evenly spaced over [0, T), ends included")
     p.add_argument("--seed", type=int, default=0, help="picks the images and their noise")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--out", required=True, help="JSON file")
     args = p.parse_args(argv)
     if args.num_images < 1 or args.batch_size < 1:

@@ -57,6 +57,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from config import HelpFormatter
+
 ROOT = Path(__file__).resolve().parent.parent
 BASE_CONFIG = ROOT / "experiments" / "configs" / "study.yaml"
 
@@ -594,10 +596,10 @@ def parse_value(text):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter,
                                 epilog="Scales: " + "; ".join(f"{k}: {v['model']}, {v['steps']} steps × batch "
                                                               f"{v['batch']}, FID-{v['num_samples']}" for k, v in SCALES.items()))
-    p.add_argument("--scale", choices=list(SCALES), default="cpu")
+    p.add_argument("--scale", choices=list(SCALES), default="cpu", help="budget: see Scales below")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help='override a scale setting (JSON values), e.g. --set steps=2000 --set seeds=[0,1,2] '
                         '--set runs=["eps-snr","eps-min_snr5"] --set nproc=8 --set jobs=1')

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from config import HelpFormatter
 from diffusion import generate
 from distributed import DiskFullError, atomic_write
 from export import ExportError, load_export
@@ -55,17 +56,17 @@ def load(ckpt):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--high", required=True, help="exported checkpoint used at t > --switch-t")
     p.add_argument("--low", required=True, help="exported checkpoint used at t ≤ --switch-t")
     p.add_argument("--switch-t", type=int, required=True, help="τ (original timesteps, 0..T−1; −1 = never --low)")
-    p.add_argument("--sampler", choices=["ddpm", "ddim", "heun"], default="ddim")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--eta", type=float, default=0.0)
-    p.add_argument("--clip-denoised", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-samples", type=int, default=250)
-    p.add_argument("--batch-size", type=int, default=125)
+    p.add_argument("--sampler", choices=["ddpm", "ddim", "heun"], default="ddim", help="as sample.py's")
+    p.add_argument("--steps", type=int, default=20, help="sampling steps")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0 = deterministic)")
+    p.add_argument("--clip-denoised", action="store_true", help="clip predicted x0 to [-1, 1] (pixel models)")
+    p.add_argument("--seed", type=int, default=0, help="sample i draws its noise from (seed, i)")
+    p.add_argument("--num-samples", type=int, default=250, help="class-balanced samples")
+    p.add_argument("--batch-size", type=int, default=125, help="samples per batch; does not change them")
     p.add_argument("--out", required=True, help=".npz (ADM layout)")
     args = p.parse_args(argv)
     if not args.out.endswith(".npz"):
