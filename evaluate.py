@@ -14,7 +14,7 @@ Reference: an ADM reference batch (mu, sigma, mu_s, sigma_s, arr_0), a pytorch-f
 recall), or images of any input kind (statistics computed on the fly).
 
     python evaluate.py samples.npz --ref VIRTUAL_imagenet256_labeled.npz
-    python evaluate.py data/cifar10/train --save-stats cifar10_train_stats.npz
+    python evaluate.py data/cifar10 --save-stats cifar10_train_stats.npz
     python evaluate.py samples.npz --ref cifar10_train_stats.npz --limit 5000      # FID-5K
 """
 import argparse

@@ -21,7 +21,7 @@ written are checked and skipped.
 
   python extract_latents.py --data builtin --num-images 20000 --image-size 32 --vae none --out data/builtin32
   python extract_latents.py --data data/cifar10-jpeg.tar.gz --split train --image-size 32 \\
-      --vae none --flip --out data/cifar10-train
+      --vae none --out data/cifar10
   torchrun --nproc-per-node=8 extract_latents.py --data /data/imagenet/train --image-size 256 \\
       --vae stabilityai/sd-vae-ft-ema --flip --out data/in256-latents
 """

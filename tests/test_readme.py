@@ -1,0 +1,59 @@
+"""The README's commands chain as pasted: every store a training config or evaluate.py reads is one an
+extraction command in the README writes (same size and kind), and every checkpoint sample.py reads is
+one its training run exports."""
+import os
+import re
+import shlex
+
+from config import load_config
+from train import DEFAULTS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def readme_commands():
+    """The README's bash blocks as token lists, one per command (continuation lines joined, comments dropped)."""
+    text = open(os.path.join(ROOT, "README.md")).read()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            tokens = shlex.split(line, comments=True)
+            if tokens:
+                commands.append(tokens)
+    return commands
+
+
+def flag(tokens, name):
+    return tokens[tokens.index(name) + 1] if name in tokens else None
+
+
+def script_commands(script):
+    return [tokens[tokens.index(t) + 1:] for tokens in readme_commands() for t in tokens if t == script]
+
+
+def test_readme_commands_chain():
+    stores = {flag(t, "--out"): t for t in script_commands("extract_latents.py")}
+    assert "data/cifar10" in stores
+    configs = {flag(t, "--config") for t in script_commands("train.py")}
+    assert "configs/cifar10.yaml" in configs
+    for config in configs:
+        cfg = load_config(DEFAULTS, os.path.join(ROOT, config), [])
+        path = cfg["data"]["path"]
+        if config == "configs/quickstart.yaml":   # quickstart.sh builds data/builtin<image size> itself
+            assert "DATA=${QS_DATA:-data/builtin$SIZE}" in open(os.path.join(ROOT, "quickstart.sh")).read()
+            assert path == f"data/builtin{cfg['data']['image_size']}"
+            continue
+        assert path in stores, f"{config} reads {path}, which no README extraction writes"
+        extraction = stores[path]
+        assert int(flag(extraction, "--image-size")) == cfg["data"]["image_size"], config
+        assert (flag(extraction, "--vae") == "none") == (cfg["data"]["mode"] == "pixels"), config
+        # sample.py's checkpoints of this run are ones it exports: every export_every steps and at the end
+        name = os.path.splitext(os.path.basename(config))[0]
+        for tokens in script_commands("sample.py"):
+            found = re.fullmatch(rf"results/{name}/checkpoints/step-(\d{{7}})\.pt", flag(tokens, "--ckpt"))
+            if found:
+                step, every = int(found.group(1)), cfg["checkpoint"]["export_every"]
+                assert step == cfg["train"]["steps"] or (every and step % every == 0), tokens
+    for tokens in script_commands("evaluate.py"):
+        if flag(tokens, "--save-stats") and tokens[0].startswith("data/"):
+            assert tokens[0] in stores, f"evaluate.py reads {tokens[0]}, which no README extraction writes"
