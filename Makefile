@@ -14,7 +14,8 @@ test-all: install
 	$(PYTHON) -m pytest -q
 
 # The README's main command: builtin data -> Min-SNR-5 DiT under torchrun -> class grid -> FID
-# (offline, ~10 minutes on 2 CPU cores; see quickstart.sh for its steps and environment overrides).
+# (offline, on 2 CPU cores; see quickstart.sh for its steps and environment overrides). Not `install`
+# first: quickstart.sh runs pip only when a package is missing, so a second run starts at once.
 .PHONY: quickstart
-quickstart: install
+quickstart:
 	PYTHON=$(PYTHON) bash quickstart.sh

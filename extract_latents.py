@@ -48,7 +48,7 @@ from tqdm import tqdm
 from config import HelpFormatter
 from distributed import barrier, cleanup_distributed, init_distributed, remove_dead_temps
 from store import (IMAGE_EXTENSIONS, SD_VAE_SCALE_FACTOR, StoreError, encode_posterior, load_vae, open_rgb,
-                   shard_finished, write_manifest, write_shard)
+                   open_store, shard_finished, write_manifest, write_shard)
 
 TOOL_VERSION = "extract_latents 1.1"
 NOT_AN_IMAGE = "not an image file"  # the manifest's reason for skipped non-image files
@@ -427,6 +427,15 @@ def main(argv=None):
         cleanup_distributed()
 
 
+def complete_store(out, extraction):
+    """The store at `out` if it is complete (manifest.json written last) and made with `extraction`, else None."""
+    try:
+        store = open_store(out)
+    except StoreError:
+        return None
+    return store if store.manifest["extraction"] == extraction else None
+
+
 def extract(args):
     latents = args.vae.lower() != "none"
     world = init_distributed()
@@ -453,8 +462,15 @@ def extract(args):
     # Shards are fixed ranges of the global index; rank r takes a contiguous block of them.
     shards = [(s, min(s + args.shard_size, n)) for s in range(0, n, args.shard_size)]
     k = len(shards)
+    # Every rank checks every shard (a header read per file), so all agree without a collective.
+    finished = {sh for sh in shards if shard_finished(args.out, *sh, extraction) is not None}
+    if len(finished) == k and (complete := complete_store(args.out, extraction)):
+        if world.is_main:
+            print(f"{args.out} exists: all {complete.manifest['count']} items ({complete.mode}, "
+                  f"{complete.manifest['shape']}) are extracted with these settings, skipped")
+        return
     mine = shards[world.rank * k // world.world_size:(world.rank + 1) * k // world.world_size]
-    todo = [sh for sh in mine if shard_finished(args.out, *sh, extraction) is None]
+    todo = [sh for sh in mine if sh not in finished]
 
     vae, scale_factor = None, None
     if latents and todo:

@@ -62,7 +62,7 @@ step "1/5 Built-in dataset: $NUM_IMAGES images, ${SIZE}x$SIZE pixels, 10 classes
 
 step "2/5 FID reference statistics of the first $REF_N dataset images -> $REF_STATS"
 if [ -f "$REF_STATS" ]; then
-    echo "exists, skipped"
+    echo "$REF_STATS exists, skipped"
 else
     OMP_NUM_THREADS=$THREADS "$PYTHON" evaluate.py "$DATA" --limit "$REF_N" --save-stats "$REF_STATS"
 fi
@@ -80,12 +80,14 @@ GRID=$RUN/$TAG-grid.png
 REAL=$RUN/real-grid.png
 step "4/5 Class grid: $PER_CLASS samples per class ($SAMPLER, $SAMPLE_STEPS steps, cfg $CFG) -> $GRID"
 if [ -f "$GRID" ]; then
-    echo "exists, skipped"
+    echo "$GRID exists, skipped"
 else
     OMP_NUM_THREADS=$THREADS "$PYTHON" sample.py --ckpt "$CKPT" --grid "$GRID" --classes "$CLASSES" \
         --per-class "$PER_CLASS" --sampler "$SAMPLER" --steps "$SAMPLE_STEPS" --cfg-scale "$CFG" --clip-denoised
 fi
-if [ ! -f "$REAL" ]; then   # the same layout of dataset images, to compare with
+if [ -f "$REAL" ]; then
+    echo "$REAL exists, skipped"
+else   # the same layout of dataset images, to compare with
     "$PYTHON" - "$DATA" "$REAL" "$PER_CLASS" <<'EOF'
 import sys
 from store import open_store, save_grid
@@ -100,7 +102,7 @@ SAMPLES=$RUN/$TAG-fid$FID_N.npz
 METRICS=$RUN/$TAG-fid$FID_N.json
 step "5/5 FID-$FID_N: $FID_N class-balanced samples ($SAMPLER, $SAMPLE_STEPS steps, cfg $CFG) vs $REF_STATS"
 if [ -f "$SAMPLES" ]; then
-    echo "samples exist: $SAMPLES"
+    echo "$SAMPLES exists, skipped"
 else
     SHARD=$(( (FID_N + 2 * NPROC - 1) / (2 * NPROC) ))   # two shards per rank
     "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node="$NPROC" sample.py --ckpt "$CKPT" \
@@ -108,7 +110,7 @@ else
         --sampler "$SAMPLER" --steps "$SAMPLE_STEPS" --cfg-scale "$CFG" --clip-denoised
 fi
 if [ -f "$METRICS" ]; then
-    echo "metrics exist: $METRICS"
+    echo "$METRICS exists, skipped"
 else
     OMP_NUM_THREADS=$THREADS "$PYTHON" evaluate.py "$SAMPLES" --ref "$REF_STATS" --out "$METRICS"
 fi

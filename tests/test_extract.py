@@ -197,6 +197,24 @@ def test_resume_after_crash(tmp_path):
         run(*args[:-2], "--shard-size", 20, "--flip", "--out", out)
 
 
+def test_rerun_of_a_complete_store_says_skipped_and_writes_nothing(tmp_path, capsys):
+    args = ("--data", "builtin", "--num-images", 30, "--image-size", 8, "--vae", "none", "--shard-size", 20)
+    out = tmp_path / "store"
+    run(*args, "--out", out)
+    assert f"wrote 30 items (pixels, [3, 8, 8]) to {out}" in capsys.readouterr().out
+    clean = store_files(out)
+    stamps = {f: os.stat(out / f).st_mtime_ns for f in clean}
+    run(*args, "--out", out)
+    printed = capsys.readouterr().out
+    assert f"{out} exists: all 30 items (pixels, [3, 8, 8]) are extracted with these settings, skipped" in printed
+    assert "wrote" not in printed
+    assert {f: os.stat(out / f).st_mtime_ns for f in clean} == stamps
+    # A shard damaged after the store was completed is redone, manifest or not.
+    (out / "00000020-00000030.labels.npy").write_bytes(b"")
+    run(*args, "--out", out)
+    assert "wrote 30 items" in capsys.readouterr().out and store_files(out) == clean
+
+
 def _running(pid):
     """Neither gone nor a zombie (dead, waiting for whoever adopted it to reap it)."""
     stat = proc_stat(pid)

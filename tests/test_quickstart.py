@@ -52,7 +52,9 @@ def test_quickstart_tiny_end_to_end_and_resume(tmp_path):
             assert np.array_equal(tile, store.read([index])[0][0])
 
     stamps = {p: p.stat().st_mtime_ns for p in (ckpt, grid, real, metrics)}
-    again = run_quickstart(tmp_path)   # everything finished: nothing is trained, sampled or evaluated again
-    assert again.count("exists, skipped") == 2 and "trained to step 2 already" in again
-    assert "samples exist" in again and "metrics exist" in again and printed.group(0) in again
+    again = run_quickstart(tmp_path)   # everything finished: nothing is extracted, trained, sampled or evaluated again
+    assert f"{tmp_path / 'builtin'} exists: all 40 items" in again and "wrote" not in again
+    for path in (tmp_path / "builtin.fid-ref12.npz", grid, real, run / "step-0000002-fid8.npz", metrics):
+        assert f"{path} exists, skipped" in again
+    assert "trained to step 2 already" in again and printed.group(0) in again
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
