@@ -33,17 +33,17 @@ import yaml
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from config import ConfigError, HelpFormatter, flatten, load_config
-from diffusion import GaussianDiffusion
+from diffusion import GaussianDiffusion, generate
 from distributed import (DiskFullError, atomic_write, barrier, cleanup_distributed, disk_full, init_distributed,
                          seed_for)
 from export import save_export
 from models import ALL_MODELS
-from store import open_store
+from store import StoreError, load_vae, model_to_images, open_store, save_grid
 
 # Every config key and its default. A YAML file overrides these, `--set key=value` overrides the YAML;
 # a key not listed here is an error.
@@ -92,6 +92,10 @@ DEFAULTS = {
         "log_every": 10,
         "num_buckets": 10,          # timestep buckets of the logged per-t losses
         "tensorboard": True,        # also write TensorBoard events when tensorboard is installed
+        "sample_every": 0,          # every N steps a grid of EMA samples, <run>/samples/step-XXXXXXX.png (0 = never)
+        "sample_per_class": 8,      # grid columns; rows: the first (up to) 10 classes; the same noise every time
+        "sample_steps": 20,         # DDIM steps of the grid
+        "sample_cfg": 3.0,          # classifier-free guidance scale of the grid
     },
     "checkpoint": {
         "every": 1000,              # sharded DCP checkpoint every N steps (and at the end / on SIGTERM)
@@ -116,7 +120,8 @@ def validate(cfg):
     if cfg["train"]["precision"] not in ("fp32", "bf16"):
         raise ConfigError(f"train.precision must be 'fp32' or 'bf16', got '{cfg['train']['precision']}'")
     for key in ("train.steps", "train.global_batch_size", "train.grad_accum", "train.log_every",
-                "train.num_buckets", "checkpoint.every", "checkpoint.keep_last"):
+                "train.num_buckets", "train.sample_per_class", "train.sample_steps", "checkpoint.every",
+                "checkpoint.keep_last"):
         section, leaf = key.split(".")
         if cfg[section][leaf] < 1:
             raise ConfigError(f"config key '{key}' must be >= 1, got {cfg[section][leaf]}")
@@ -192,6 +197,7 @@ def build_models(cfg, margs, device):
         for block in m.blocks:
             fully_shard(block, mp_policy=mp)
         fully_shard(m, mp_policy=mp)
+    register_fsdp_forward_method(ema, "forward_with_cfg")   # guided sampling (write_samples) bypasses forward()
     return model, ema
 
 
@@ -361,6 +367,37 @@ def export_checkpoint(path, model, ema, export_args, world):
     dist.all_reduce(flag)   # rank 0 alone writes; every rank must learn that it failed
     if flag.item() > 0:
         fail(f"{full}; the sharded checkpoints are intact: free space and rerun the same command to export")
+
+
+def samples_vae(cfg, store, world):
+    """The VAE that decodes a latent run's sample grids, else None. Every rank loads it, so a VAE that cannot
+    load stops every rank with the same one-line error (rank 0 alone decodes)."""
+    if cfg["train"]["sample_every"] == 0 or store.mode != "latents":
+        return None
+    try:
+        return load_vae(store.manifest["vae"], world.device)
+    except StoreError as e:
+        fail(f"train.sample_every needs the store's VAE to decode the grids: {e}")
+
+
+@torch.no_grad()
+def write_samples(path, ema, diffusion, cfg, store, vae, world):
+    """A grid of the EMA's samples: one row per class of the first (up to) 10, train.sample_per_class columns,
+    DDIM with guidance, sample i drawing its noise from (run.seed, i), so every grid of a run starts from the
+    same noise and the grids show the run improving. A collective under FSDP2: every rank samples the whole
+    grid through its EMA shards; rank 0 writes, and a grid it cannot write is reported, not fatal."""
+    t = cfg["train"]
+    classes = list(range(min(10, store.num_classes)))
+    labels = torch.tensor(classes).repeat_interleave(t["sample_per_class"])
+    x = generate(ema, diffusion, range(len(labels)), labels, seed=cfg["run"]["seed"], sampler="ddim",
+                 steps=t["sample_steps"], cfg_scale=t["sample_cfg"], clip_denoised=store.mode == "pixels")
+    ema.reshard()   # FSDP2 keeps the root's parameters gathered after a forward (for a backward); update_ema needs shards
+    if world.is_main:
+        try:
+            path.parent.mkdir(exist_ok=True)
+            save_grid(path, model_to_images(x, vae, store.scale_factor), [store.class_names[c] for c in classes])
+        except OSError as e:
+            print(f"\ntrain.py: could not write {path} ({e}); training goes on", flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -560,6 +597,7 @@ def main(argv=None):
                    "data": {"mode": store.manifest["mode"], "image_size": store.manifest["image_size"],
                             "vae": store.manifest.get("vae"), "scale_factor": store.manifest.get("scale_factor"),
                             "class_names": list(store.class_names)}}
+    vae = samples_vae(cfg, store, world)
     if world.is_main:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         atomic_write(run_dir / "config.yaml", lambda f: f.write(yaml.safe_dump(cfg, sort_keys=False).encode()))
@@ -657,6 +695,8 @@ def main(argv=None):
         if export_now:
             export_checkpoint(run_dir / "checkpoints" / f"step-{step:07d}.pt", model, ema,
                               {**export_args, "step": step}, world)
+        if t_cfg["sample_every"] > 0 and (step % t_cfg["sample_every"] == 0 or step == t_cfg["steps"]):
+            write_samples(run_dir / "samples" / f"step-{step:07d}.png", ema, diffusion, cfg, store, vae, world)
         if stop:
             if world.is_main:
                 print(f"\ntrain.py: stopped by signal after step {step}; checkpoint saved", flush=True)

@@ -186,8 +186,8 @@ def main(argv=None):
     parser.add_argument("--matmul-size", type=int, default=None, help="side of the peak-rate matmul (default: 8192 GPU, 1024 CPU)")
     parser.add_argument("--randomness", action="store_true",
                         help="only time the per-rank randomness at --global-batch x --ranks (no model)")
-    parser.add_argument("--global-batch", type=int, nargs="+", default=[256, 2048])
-    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 8])
+    parser.add_argument("--global-batch", type=int, nargs="+", default=[256, 2048], help="global batch sizes (with --randomness)")
+    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 8], help="world sizes whose rank-0 share is timed (with --randomness)")
     args = parser.parse_args(argv)
     if args.randomness:
         return bench_randomness(args)
