@@ -1,6 +1,7 @@
 """The diagnostics in experiments/: loss_by_t.py's held-out x0-MSE per timestep against closed forms
 for each target, its pairing guarantee (same images and noise whatever the batch size) and one-line
-errors; swap_models.py's hand-over between two models against sample.py's own batches."""
+errors; swap_models.py's hand-over between two models against sample.py's own batches; plot_run.py's
+reading of a run's metrics.jsonl."""
 import json
 from pathlib import Path
 
@@ -135,3 +136,35 @@ def test_swap_refuses_models_with_different_targets(files, tmp_path):
     with pytest.raises(SystemExit) as e:
         swap(files, 100, tmp_path / "x.npz", low="eps.pt")
     assert "differ in diffusion target" in str(e.value) and not (tmp_path / "x.npz").exists()
+
+
+def test_plot_run_reads_the_log_and_draws_its_buckets(tmp_path, capsys):
+    """plot_run: the heatmap's cells are the logged per-bucket values (null = an empty bucket, masked), a
+    last line cut short by a running writer is ignored, and a bad line before it is a one-line error."""
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib.image import imread
+
+    from experiments import plot_run
+    rng = np.random.default_rng(0)
+    records = [{"step": s, "loss": float(rng.uniform(0.1, 1)), "mse": float(rng.uniform(0.1, 1)),
+                "loss_by_t_bucket": [float(v) for v in rng.uniform(0.01, 1, 5)],
+                "mse_by_t_bucket": [None if (s, b) == (20, 3) else float(v)
+                                    for b, v in enumerate(rng.uniform(0.01, 1, 5))]}
+               for s in (10, 20, 30, 35)]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 4')
+    assert plot_run.read_metrics(run / "metrics.jsonl") == records
+    steps, values = plot_run.bucket_table(records, "mse_by_t_bucket")
+    assert steps.tolist() == [10, 20, 30, 35] and values.shape == (5, 4)
+    expected = np.array([[np.nan if v is None else v for v in r["mse_by_t_bucket"]] for r in records]).T
+    assert np.array_equal(values, expected, equal_nan=True) and np.isnan(values[3, 1])
+    plot_run.main([str(run)])
+    assert "(4 log steps, last step 35)" in capsys.readouterr().out
+    for name in ("loss.png", "mse.png", "loss_by_t.png"):
+        image = imread(run / "plots" / name)
+        assert image.ndim == 3 and image.std() > 0, name
+    (run / "metrics.jsonl").write_text('{"step": 1\n' + json.dumps(records[0]) + "\n")
+    with pytest.raises(SystemExit, match="line 1 is not JSON"):
+        plot_run.main([str(run)])

@@ -6,7 +6,7 @@ import pytest
 
 SCRIPTS = ["extract_latents", "train", "sample", "evaluate", "experiments.study", "experiments.loss_by_t",
            "experiments.swap_models", "bench.bench_extract", "bench.bench_fid", "bench.bench_sample",
-           "bench.bench_train", "bench.build_carry", "bench.run_all"]
+           "bench.bench_train", "bench.build_carry", "bench.run_all", "experiments.plot_run"]
 
 
 class Parsed(Exception):
