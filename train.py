@@ -668,8 +668,9 @@ def main(argv=None):
         log_now = step % every_log == 0 or step == t_cfg["steps"]
         save_now = step % every_save == 0 or step == t_cfg["steps"] or stop
         export_now = every_export > 0 and step % every_export == 0 and step != t_cfg["steps"]
-        # A non-finite step is caught here, before any checkpoint or export could hold its weights.
-        bad = first_non_finite(first_bad) if log_now or save_now or export_now else None
+        sample_now = t_cfg["sample_every"] > 0 and (step % t_cfg["sample_every"] == 0 or step == t_cfg["steps"])
+        # A non-finite step is caught here, before any checkpoint, export or grid could hold its weights.
+        bad = first_non_finite(first_bad) if log_now or save_now or export_now or sample_now else None
         if bad is not None:
             bar.close()
             newest = checkpoint_dirs(run_dir)
@@ -695,7 +696,7 @@ def main(argv=None):
         if export_now:
             export_checkpoint(run_dir / "checkpoints" / f"step-{step:07d}.pt", model, ema,
                               {**export_args, "step": step}, world)
-        if t_cfg["sample_every"] > 0 and (step % t_cfg["sample_every"] == 0 or step == t_cfg["steps"]):
+        if sample_now:
             write_samples(run_dir / "samples" / f"step-{step:07d}.png", ema, diffusion, cfg, store, vae, world)
         if stop:
             if world.is_main:
