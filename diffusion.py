@@ -14,6 +14,9 @@ import torch
 from distributed import seed_for
 
 WEIGHTINGS = ("const", "snr", "snr_plus_one", "max_snr", "min_snr", "soft_min_snr")
+# Not a function of t: the weights of the per-bucket losses are chosen every training step (min_norm_weights).
+PARETO = "pareto"
+BUCKET_SPACINGS = ("t", "log_snr")
 TARGETS = ("eps", "x0", "v")
 SCHEDULES = ("linear", "cosine")
 SAMPLERS = ("ddpm", "ddim", "heun")
@@ -114,6 +117,79 @@ def loss_weight(snr, weighting, target, gamma=5.0):
 
 
 # ----------------------------------------------------------------------------------------------
+# Pareto weighting of timestep buckets (the paper's §3: each noise level is a task)
+
+def gram_matrix(vectors, chunk=1 << 20):
+    """G_ij = v_i · v_j in float64 for vectors [K, P] (any float dtype), over column chunks so that the
+    float64 copy never holds more than K·chunk values."""
+    gram = torch.zeros(vectors.shape[0], vectors.shape[0], dtype=torch.float64, device=vectors.device)
+    for start in range(0, vectors.shape[1], chunk):
+        part = vectors[:, start:start + chunk].double()
+        gram += part @ part.T
+    return gram
+
+
+def min_norm_weights(gram, tol=1e-12, max_iter=1000):
+    """Convex weights w [K] (w ≥ 0, Σw = 1) minimising ‖Σ_k w_k·g_k‖² = wᵀGw, from the Gram matrix
+    G_ij = g_i·g_j alone ([K, K], float64 on the CPU): the min-norm point of the gradients' convex
+    hull, MGDA's common descent direction (Désidéri 2012; Sener & Koltun 2018).
+
+    K = 2 in closed form, w_1 = clip((g_2 − g_1)·g_2 / ‖g_1 − g_2‖², 0, 1). K > 2 by Wolfe's
+    minimum-norm-point algorithm (1976), which is exact up to rounding and ends in finitely many steps,
+    where Frank-Wolfe only converges; `tol` is relative to the largest ‖g_k‖². When the min-norm point
+    is not unique in w (a gradient inside the others' hull) any minimiser may be returned.
+    """
+    gram = gram.double().cpu()
+    k = gram.shape[0]
+    if k == 1:
+        return torch.ones(1, dtype=torch.float64)
+    scale = gram.diagonal().max().item()
+    if scale <= 0:   # every gradient is zero: every convex combination is the min-norm point
+        return torch.full((k,), 1 / k, dtype=torch.float64)
+    if k == 2:
+        gap = (gram[0, 0] + gram[1, 1] - 2 * gram[0, 1]).item()   # ‖g_1 − g_2‖²
+        w1 = min(max((gram[1, 1] - gram[0, 1]).item() / gap, 0.0), 1.0) if gap > tol * scale else 0.5
+        return torch.tensor([w1, 1 - w1], dtype=torch.float64)
+    w = torch.zeros(k, dtype=torch.float64)
+    first = int(gram.diagonal().argmin())
+    support, w[first] = [first], 1.0
+    for _ in range(max_iter):
+        dots = gram @ w                  # g_k · x for x = Σ w_k g_k
+        j = int(dots.argmin())
+        # x is optimal when no vertex lies further along −x than x itself: x·x ≤ g_j·x (+ tol).
+        if w @ dots - dots[j] <= tol * scale or j in support:
+            break
+        support.append(j)
+        while True:   # Wolfe's minor cycle: move to the affine minimiser of the support, dropping vertices
+            affine = _affine_min_norm(gram, support)
+            current = w[support]
+            if (affine > tol).all():
+                w.zero_()
+                w[support] = affine
+                break
+            leaving = affine <= tol
+            step = (current[leaving] / (current[leaving] - affine[leaving])).min()
+            moved = current + step * (affine - current)
+            w.zero_()
+            w[support] = moved.clamp(min=0)
+            support = [s for s, m in zip(support, moved.tolist()) if m > tol]
+            w /= w.sum()
+    return w
+
+
+def _affine_min_norm(gram, support):
+    """Weights a (Σa = 1, signs free) of the min-norm point of the affine hull of the gradients in
+    `support`: the KKT system [[G_SS, 1], [1ᵀ, 0]]·[a; μ] = [0; 1] (least squares, for a singular G_SS)."""
+    n = len(support)
+    system = torch.zeros(n + 1, n + 1, dtype=torch.float64)
+    system[:n, :n] = gram[support][:, support]
+    system[:n, n] = system[n, :n] = 1.0
+    rhs = torch.zeros(n + 1, 1, dtype=torch.float64)
+    rhs[n] = 1.0
+    return torch.linalg.lstsq(system, rhs, driver="gelsd").solution[:n, 0]
+
+
+# ----------------------------------------------------------------------------------------------
 # Small helpers
 
 def randn_like_batch(shape, generator=None, device="cpu", dtype=torch.float32):
@@ -168,16 +244,27 @@ class GaussianDiffusion:
 
     zero_terminal_snr with target "eps" is refused: at t = T−1 the input is pure noise, so an ε
     prediction carries no information about x0 (x0 = (x_t − σ·ε)/α with α = 0). Use "v" or "x0".
+
+    weighting "pareto" (with pareto_buckets = K) is the run-time weighting of train.py: the static
+    weight is 1 (the plain MSE of the target, per bucket), and every step weighs the K buckets' mean
+    losses by min_norm_weights of their gradients.
     """
 
     def __init__(self, schedule="linear", num_timesteps=1000, target="eps", weighting="min_snr",
-                 gamma=5.0, zero_terminal_snr=False, learn_sigma=False):
+                 gamma=5.0, zero_terminal_snr=False, learn_sigma=False, pareto_buckets=None):
         if target not in TARGETS:
             raise ValueError(f"unknown target {target!r}; expected one of {TARGETS}")
         if zero_terminal_snr and target == "eps":
             raise ValueError("zero_terminal_snr needs target 'v' or 'x0': x0 cannot be recovered from ε at SNR = 0")
+        if weighting == PARETO:
+            if not isinstance(pareto_buckets, int) or not 1 <= pareto_buckets <= num_timesteps:
+                raise ValueError(f"weighting 'pareto' needs pareto_buckets in [1, {num_timesteps}], got {pareto_buckets!r}")
+            if learn_sigma:
+                raise ValueError("weighting 'pareto' weighs MSE terms only; it does not take learn_sigma's VB term")
+        elif pareto_buckets is not None:
+            raise ValueError(f"pareto_buckets is for weighting 'pareto', not {weighting!r}")
         self.schedule, self.num_timesteps, self.target = schedule, num_timesteps, target
-        self.weighting, self.gamma = weighting, gamma
+        self.weighting, self.gamma, self.pareto_buckets = weighting, gamma, pareto_buckets
         self.zero_terminal_snr, self.learn_sigma = zero_terminal_snr, learn_sigma
 
         alphas_cumprod = torch.cumprod(1 - make_betas(schedule, num_timesteps), 0)
@@ -196,7 +283,8 @@ class GaussianDiffusion:
         self.posterior_log_variance_clipped = torch.log(
             torch.cat([self.posterior_variance[1:2], self.posterior_variance[1:]]))
         # Computed once here (CPU, float64) so training only gathers; raises early on an infinite weight.
-        self.loss_weights = loss_weight(self.snr, weighting, target, gamma)
+        self.loss_weights = (torch.ones_like(self.snr) if weighting == PARETO
+                             else loss_weight(self.snr, weighting, target, gamma))
         self._device_tables = {}  # (id of a table above, device) -> its copy there; see _gather
 
     def _gather(self, table, t, like):
@@ -302,9 +390,34 @@ class GaussianDiffusion:
         nll = -_mean_flat(_discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_log_var)) / math.log(2.0)
         return torch.where(t == 0, nll, kl) * (self.num_timesteps / 1000.0)
 
+    def bucket_index(self, t, num_buckets):
+        """Equal-width timestep bucket of each t: t·n // T (bucket 0 = least noise)."""
+        return t * num_buckets // self.num_timesteps
+
+    def timestep_buckets(self, num_buckets, spacing="t"):
+        """Bucket of every timestep 0..T−1 -> long [T], non-decreasing in t. spacing "t": bucket_index;
+        "log_snr": equal widths in log SNR between log SNR(0) and the smallest finite log SNR (a
+        zero-terminal-SNR last step joins the last bucket). A bucket without timesteps is a ValueError."""
+        if spacing not in BUCKET_SPACINGS:
+            raise ValueError(f"unknown bucket spacing {spacing!r}; expected one of {BUCKET_SPACINGS}")
+        if not 1 <= num_buckets <= self.num_timesteps:
+            raise ValueError(f"num_buckets must be in [1, {self.num_timesteps}], got {num_buckets}")
+        if spacing == "t":
+            buckets = self.bucket_index(torch.arange(self.num_timesteps), num_buckets)
+        else:
+            log_snr = self.snr.log()
+            top, bottom = log_snr[0], log_snr[torch.isfinite(log_snr)].min()
+            position = ((top - log_snr) / (top - bottom)).nan_to_num(posinf=1.0)   # 0 at t = 0, 1 at the end
+            buckets = (position * num_buckets).long().clamp(max=num_buckets - 1)
+        empty = sorted(set(range(num_buckets)) - set(buckets.tolist()))
+        if empty:
+            raise ValueError(f"{num_buckets} {spacing}-spaced buckets leave bucket {empty[0]} without a timestep; "
+                             f"use fewer buckets")
+        return buckets
+
     def bucket_sums(self, values, t, num_buckets=10):
-        """Float64 sums and counts of `values` [B] per equal-width timestep bucket (bucket = t·n // T)."""
-        buckets = t * num_buckets // self.num_timesteps
+        """Float64 sums and counts of `values` [B] per equal-width timestep bucket (bucket_index)."""
+        buckets = self.bucket_index(t, num_buckets)
         sums = torch.zeros(num_buckets, dtype=torch.float64, device=values.device)
         counts = torch.zeros(num_buckets, dtype=torch.float64, device=values.device)
         sums.index_add_(0, buckets, values.detach().double())
