@@ -18,6 +18,7 @@ WEIGHTINGS = ("const", "snr", "snr_plus_one", "max_snr", "min_snr", "soft_min_sn
 PARETO = "pareto"
 BUCKET_SPACINGS = ("t", "log_snr")
 TARGETS = ("eps", "x0", "v")
+PLAIN_WEIGHTING = {"eps": "snr", "x0": "const", "v": "snr_plus_one"}   # each target's own MSE, unweighted
 SCHEDULES = ("linear", "cosine")
 SAMPLERS = ("ddpm", "ddim", "heun")
 

@@ -288,6 +288,17 @@ class Store:
             raise StoreError(f"store {self.path} is damaged: manifest checksum mismatch")
 
 
+def held_out_batch(store, num_images, seed):
+    """A fixed random subset of `num_images` items (the same for a seed, whatever the caller) in model
+    space -> (x0 [N, C, h, w], labels [N]); latents give their posterior mean. What the diagnostics in
+    experiments/ score every model on."""
+    if num_images > len(store):
+        raise StoreError(f"a held-out batch of {num_images} exceeds the {len(store)} images of {store.path}")
+    g = torch.Generator().manual_seed(seed)
+    indices = torch.randperm(len(store), generator=g)[:num_images].sort().values.numpy()
+    return store.read_model(indices)
+
+
 def open_store(path, mode=None, image_size=None):
     """Open a complete store. mode ("pixels"/"latents") and image_size, when given, must match:
     a store of another kind is an error with a one-line message, never silent garbage."""

@@ -25,7 +25,7 @@ from config import HelpFormatter
 from diffusion import respace_timesteps
 from distributed import DiskFullError, atomic_write
 from export import ExportError, load_export
-from store import StoreError, open_store
+from store import StoreError, held_out_batch, open_store
 
 
 def fail(message):
@@ -47,15 +47,6 @@ def x0_mse_by_t(model_fn, diffusion, x0, labels, timesteps, noise, batch_size):
             x0_hat, _ = diffusion.to_x0_eps(pred, x_t, t)
             out[k, start:start + len(x0_b)] = ((x0_hat - x0_b) ** 2).flatten(1).mean(1).double().cpu()
     return out
-
-
-def held_out_batch(store, num_images, seed):
-    """A fixed random subset of the store in model space -> (x0 [N, C, h, w], labels [N])."""
-    if num_images > len(store):
-        fail(f"--num-images {num_images} exceeds the {len(store)} images of {store.path}")
-    g = torch.Generator().manual_seed(seed)
-    indices = torch.randperm(len(store), generator=g)[:num_images].sort().values.numpy()
-    return store.read_model(indices)
 
 
 def main(argv=None):
@@ -87,7 +78,10 @@ def main(argv=None):
     if not 2 <= args.timesteps <= diffusion.num_timesteps:
         fail(f"--timesteps must be in [2, {diffusion.num_timesteps}], got {args.timesteps}")
 
-    x0, labels = held_out_batch(store, args.num_images, args.seed)
+    try:
+        x0, labels = held_out_batch(store, args.num_images, args.seed)
+    except StoreError as e:
+        fail(str(e))
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(args.seed + 1))
     timesteps = respace_timesteps(diffusion.num_timesteps, args.timesteps)
     x0, labels, noise = x0.to(args.device), labels.to(args.device), noise.to(args.device)

@@ -1,9 +1,19 @@
-"""The run-time Pareto weighting of timestep buckets (issue #10): diffusion.min_norm_weights against
-closed forms and the optimality conditions, and the bucket tables."""
+"""Gradient conflicts between timestep buckets and the run-time Pareto weighting (issue #10):
+diffusion.min_norm_weights against closed forms and the optimality conditions, the bucket tables,
+experiments/conflicts.py against a model whose bucket gradients are known."""
+import argparse
+import json
+
 import pytest
 import torch
 
+import config
+import extract_latents
+import models
+import train
 from diffusion import GaussianDiffusion, gram_matrix, min_norm_weights
+from experiments import conflicts
+from store import open_store
 
 
 def gradients(*rows):
@@ -90,3 +100,105 @@ def test_pareto_settings_are_checked():
                             ({"weighting": "pareto", "pareto_buckets": 4, "learn_sigma": True}, "learn_sigma")):
         with pytest.raises(ValueError, match=message):
             GaussianDiffusion(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------
+# experiments/conflicts.py
+
+
+class Affine(torch.nn.Module):
+    """out = θ ⊙ x_t + b: each bucket's loss gradient has a closed form in the batch."""
+
+    def __init__(self, shape):
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.theta = torch.nn.Parameter(torch.randn(shape, generator=g))
+        self.bias = torch.nn.Parameter(torch.randn(shape, generator=g))
+
+    def forward(self, x, t, y):
+        return self.theta * x + self.bias
+
+
+def test_conflict_matrix_of_an_affine_model_matches_the_closed_form():
+    """ε-target, Min-SNR-5 weights w(t): bucket k's loss mean_i w_i·mean_D(ε_i − θx_i − b)² has gradients
+    −2/(N·D)·Σ_i w_i·r_i (for b) and −2/(N·D)·Σ_i w_i·r_i·x_i (for θ), r_i the residual: cosines and norms
+    from those, against the script's (mini-batches of 3 over N = 8 images)."""
+    d = GaussianDiffusion("cosine", target="eps", weighting="snr")
+    weighted = GaussianDiffusion("cosine", target="eps", weighting="min_snr", gamma=5.0)
+    model = Affine((2, 3, 3))
+    x0 = torch.randn(8, 2, 3, 3, generator=torch.Generator().manual_seed(4))
+    buckets = d.timestep_buckets(3, "log_snr")
+    t, noise = conflicts.held_out_noising(buckets, 8, (2, 3, 3), seed=5)
+    assert all((buckets[t[k]] == k).all() for k in range(3))
+    got_cos, got_norms = conflicts.conflict_matrix(
+        conflicts.bucket_gradients(model, d, weighted, x0, torch.zeros(8, dtype=torch.long), t, noise, batch_size=3))
+
+    want = []
+    with torch.no_grad():
+        for k in range(3):
+            x_t = d.q_sample(x0, t[k], noise[k])
+            w = weighted.loss_weights[t[k]].float().reshape(-1, 1, 1, 1)
+            r = noise[k] - model.theta * x_t - model.bias
+            scale = -2 / (8 * r[0].numel())
+            want.append(torch.cat([(scale * w * r * x_t).sum(0).flatten(), (scale * w * r).sum(0).flatten()]))
+    want = torch.stack(want).double()
+    norms = want.norm(dim=1)
+    torch.testing.assert_close(got_norms, norms, rtol=1e-5, atol=0)
+    torch.testing.assert_close(got_cos, want @ want.T / norms[:, None] / norms[None, :], rtol=0, atol=1e-5)
+    assert got_cos.min() < 0.9   # the buckets do differ: a test that cannot pass with all cosines 1
+
+
+@pytest.fixture(scope="module")
+def conflict_files(make_export, tmp_path_factory):
+    """A builtin 8-px store; a run's checkpoint folder with two random DiT-Ti/4 ε exports; one v export."""
+    tmp = tmp_path_factory.mktemp("conflicts")
+    extract_latents.main(["--data", "builtin", "--num-images", "20", "--image-size", "8", "--vae", "none",
+                          "--out", str(tmp / "store")])
+    (tmp / "run").mkdir()
+    for step, seed in ((100, 1), (200, 2)):
+        make_export(tmp / "run" / f"step-{step:07d}.pt", name="DiT-Ti/4", num_classes=10, schedule="cosine", seed=seed)
+    make_export(tmp / "v.pt", name="DiT-Ti/4", num_classes=10, schedule="cosine", target="v")
+    return tmp
+
+
+def test_conflicts_over_a_run_and_a_fresh_model(conflict_files, tmp_path):
+    """A run folder stands for its checkpoints in step order, --fresh adds step 0; the fresh model is
+    train.py's own step-0 model (same seed, same init); every model gets a heatmap, the run one figure."""
+    out = tmp_path / "out"
+    conflicts.main(["--ckpt", str(conflict_files / "run"), "--fresh", "DiT-Ti/4", "--schedule", "cosine",
+                    "--data", str(conflict_files / "store"), "--num-images", "6", "--buckets", "3", "--device", "cpu",
+                    "--out", str(out)])
+    report = json.loads((out / "conflicts.json").read_text())
+    assert [(m["label"], m["step"]) for m in report["models"]] == [("fresh", 0), ("step-0000100", 100),
+                                                                   ("step-0000200", 200)]
+    for m in report["models"]:
+        cos = torch.tensor(m["cosine"], dtype=torch.float64)
+        torch.testing.assert_close(cos.diagonal(), torch.ones(3, dtype=torch.float64))
+        torch.testing.assert_close(cos, cos.T)
+        assert (out / f"{m['label']}.png").exists()
+    assert report["models"][1]["cosine"] != report["models"][2]["cosine"]
+    assert (out / "across_training.png").exists() and "| 0 | 0-333 |" in (out / "conflicts.md").read_text()
+
+    cfg = config.load_config(train.DEFAULTS, None, ["model.name=DiT-Ti/4", "model.class_dropout_prob=0.1"])
+    margs = {"name": "DiT-Ti/4", "input_size": 8, "in_channels": 3, "num_classes": 10, "learn_sigma": False,
+             "class_dropout_prob": 0.1}
+    torch.manual_seed(cfg["run"]["seed"])
+    step0 = models.ALL_MODELS["DiT-Ti/4"](**{k: v for k, v in margs.items() if k != "name"})
+    fresh = conflicts.build_model(argparse.Namespace(
+        fresh="DiT-Ti/4", init_seed=0, schedule="cosine", target="eps"), open_store(conflict_files / "store"), None)[0]
+    assert all(torch.equal(a, b) for a, b in zip(step0.state_dict().values(), fresh.state_dict().values()))
+
+
+def test_conflicts_errors_are_one_line(conflict_files, tmp_path):
+    def error_of(*argv):
+        with pytest.raises(SystemExit) as e:
+            conflicts.main([*argv, "--data", str(conflict_files / "store"), "--num-images", "4", "--out", str(tmp_path)])
+        assert "\n" not in str(e.value)
+        return str(e.value)
+
+    assert "conflicts compare models of one diffusion" in error_of("--ckpt", str(conflict_files / "run"),
+                                                                   str(conflict_files / "v.pt"))
+    assert "holds no exported checkpoints" in error_of("--ckpt", str(tmp_path))
+    assert "give --ckpt" in error_of()
+    assert "without a timestep" in error_of("--fresh", "DiT-Ti/4", "--schedule", "cosine", "--buckets", "10",
+                                            "--spacing", "log_snr")
