@@ -38,7 +38,7 @@ from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from config import ConfigError, HelpFormatter, flatten, load_config
-from diffusion import GaussianDiffusion, generate
+from diffusion import PARETO, GaussianDiffusion, generate, gram_matrix, min_norm_weights
 from distributed import (DiskFullError, atomic_write, barrier, cleanup_distributed, disk_full, init_distributed,
                          seed_for)
 from export import save_export
@@ -73,6 +73,7 @@ DEFAULTS = {
         "weighting": "min_snr",
         "gamma": 5.0,
         "zero_terminal_snr": False,
+        "pareto_buckets": None,     # K equal-width t buckets of weighting "pareto" (only with it)
     },
     "optim": {
         "lr": 1e-4,
@@ -224,22 +225,101 @@ def update_ema(ema, model, decay):
 def forward_backward(model, diffusion, micro_batches, num_buckets):
     """Forward and backward over this rank's micro-batches (gradients accumulate; FSDP averages them
     over ranks). Returns float64 sums to all-reduce: [loss·n, mse, n, weighted per bucket, mse per
-    bucket, count per bucket]."""
+    bucket, count per bucket] (see loss_stats), then, under weighting "pareto", the step's bucket
+    weights divided by the world size."""
+    if diffusion.weighting == PARETO:
+        return pareto_forward_backward(model, diffusion, micro_batches, num_buckets)
     stats = []
     for x0, y, t, noise in micro_batches:
-        x_t = diffusion.q_sample(x0, t, noise)
-        out = model(x_t, t, y).float()   # bf16 compute returns bf16; the loss is taken in fp32
-        losses = diffusion.training_losses(out, x0, t, noise)
+        losses = micro_batch_losses(model, diffusion, x0, y, t, noise)
         (losses["loss"] / len(micro_batches)).backward()
-        n = x0.shape[0]
-        w_sums, counts = diffusion.bucket_sums(losses["weighted"].detach(), t, num_buckets)
-        m_sums, _ = diffusion.bucket_sums(losses["mse"].detach(), t, num_buckets)
-        # torch.full, not torch.tensor(n, device=...): a blocking host-to-device copy would wait for this
-        # micro-batch's backward before the next forward could be queued.
-        head = torch.stack([losses["loss"].detach().double() * n, losses["mse"].detach().double().sum(),
-                            torch.full((), float(n), dtype=torch.float64, device=x0.device)])
-        stats.append(torch.cat([head, w_sums.to(head), m_sums.to(head), counts.to(head)]))
+        stats.append(loss_stats(diffusion, losses, t, num_buckets))
     return torch.stack(stats).sum(0)
+
+
+def micro_batch_losses(model, diffusion, x0, y, t, noise):
+    """diffusion.training_losses of the model on these samples."""
+    x_t = diffusion.q_sample(x0, t, noise)
+    out = model(x_t, t, y).float()   # bf16 compute returns bf16; the loss is taken in fp32
+    return diffusion.training_losses(out, x0, t, noise)
+
+
+def loss_stats(diffusion, losses, t, num_buckets):
+    """Float64 sums of one micro-batch's losses for the log: [loss·n, mse, n, weighted per bucket, mse per
+    bucket, count per bucket]."""
+    w_sums, counts = diffusion.bucket_sums(losses["weighted"].detach(), t, num_buckets)
+    m_sums, _ = diffusion.bucket_sums(losses["mse"].detach(), t, num_buckets)
+    # torch.full, not torch.tensor(n, device=...): a blocking host-to-device copy would wait for this
+    # micro-batch's backward before the next forward could be queued.
+    n = t.shape[0]
+    head = torch.stack([losses["loss"].detach().double() * n, losses["mse"].detach().double().sum(),
+                        torch.full((), float(n), dtype=torch.float64, device=t.device)])
+    return torch.cat([head, w_sums.to(head), m_sums.to(head), counts.to(head)])
+
+
+def local_shard(tensor):
+    """This rank's part of a gradient: the local shard of an FSDP2 DTensor, a plain tensor as it is."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def bucket_gradients(model, diffusion, micro_batches, num_buckets):
+    """Each Pareto bucket's gradient g_k = Σ ∇mse_i / N_k over the samples i of bucket k in the global
+    batch (all ranks, all micro-batches), N_k their global count: the gradient of bucket k's plain mean
+    loss, whatever the world size and accumulation. Returns (g: per bucket, None for a bucket the global
+    batch has no sample of, else its gradients in model.parameters() order (sharded like the model's);
+    stats: loss_stats summed over this rank's samples).
+
+    Bucket k's samples of a micro-batch get a forward and a backward of their own: DiT treats samples
+    independently, so this is the shared forward's per-bucket backward at no extra FLOPs."""
+    k_buckets, world = diffusion.pareto_buckets, dist.get_world_size()
+    buckets = [diffusion.bucket_index(t, k_buckets) for _, _, t, _ in micro_batches]
+    counts = torch.stack([torch.bincount(b, minlength=k_buckets) for b in buckets]).sum(0).double()
+    dist.all_reduce(counts)
+    counts = counts.tolist()   # which passes run is decided on the host, the same on every rank
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads, stats = [], []
+    for k in range(k_buckets):
+        if counts[k] == 0:
+            grads.append(None)
+            continue
+        for (x0, y, t, noise), b in zip(micro_batches, buckets):
+            rows = (b == k).nonzero().squeeze(1)
+            # × world: FSDP2 averages gradients over ranks, and g_k is their sum over the global batch.
+            scale = len(rows) * world / counts[k]
+            if len(rows) == 0:
+                # FSDP2's collectives need every rank in every pass: a rank without samples of bucket k
+                # in this micro-batch passes one sample at weight 0.
+                rows, scale = torch.zeros(1, dtype=torch.long, device=t.device), 0.0
+            losses = micro_batch_losses(model, diffusion, x0[rows], y[rows], t[rows], noise[rows])
+            (losses["loss"] * scale).backward()
+            if scale > 0:
+                stats.append(loss_stats(diffusion, losses, t[rows], num_buckets))
+        grads.append([p.grad if p.grad is not None else torch.zeros_like(p) for p in params])
+        for p in params:
+            p.grad = None
+    return grads, torch.stack(stats).sum(0)
+
+
+def pareto_forward_backward(model, diffusion, micro_batches, num_buckets):
+    """forward_backward under weighting "pareto": leaves Σ_k w_k·g_k in the gradients, w the min-norm
+    convex combination of the bucket gradients g_k (min_norm_weights; weight 0 for an empty bucket).
+    Their Gram matrix is the all-reduced sum of each rank's shard dot products, so every rank solves
+    the same problem. Returns loss_stats' sums, then w / world size (all-reduced back to w)."""
+    grads, stats = bucket_gradients(model, diffusion, micro_batches, num_buckets)
+    present = [k for k, g in enumerate(grads) if g is not None]
+    params = [p for p in model.parameters() if p.requires_grad]
+    gram = sum(gram_matrix(torch.stack([local_shard(grads[k][i]).flatten() for k in present]))
+               for i in range(len(params)))
+    dist.all_reduce(gram)
+    w = min_norm_weights(gram).tolist()
+    for i, p in enumerate(params):
+        combined = w[0] * grads[present[0]][i]
+        for weight, k in zip(w[1:], present[1:]):
+            combined = combined + weight * grads[k][i]
+        p.grad = combined
+    weights = torch.zeros(diffusion.pareto_buckets, dtype=torch.float64)
+    weights[present] = torch.tensor(w, dtype=torch.float64)
+    return torch.cat([stats, (weights / dist.get_world_size()).to(stats)])
 
 
 def clip_gradients(model, max_norm):
@@ -419,10 +499,14 @@ def metrics_record(step, totals, steps, seconds, cfg, grad_norm, device):
     def per_bucket(sums):
         return [round(s / c, 6) if c > 0 else None for s, c in zip(sums.tolist(), counts.tolist())]
 
-    return {"step": step, "loss": loss_sum / n, "mse": mse_sum / n, "grad_norm": grad_norm,
-            "lr": lr_at(cfg, step - 1), "images_per_s": cfg["train"]["global_batch_size"] * steps / seconds,
-            "step_time_s": seconds / steps, "peak_mem_gb": round(peak_memory_gb(device), 3),
-            "loss_by_t_bucket": per_bucket(w_sums), "mse_by_t_bucket": per_bucket(m_sums)}
+    record = {"step": step, "loss": loss_sum / n, "mse": mse_sum / n, "grad_norm": grad_norm,
+              "lr": lr_at(cfg, step - 1), "images_per_s": cfg["train"]["global_batch_size"] * steps / seconds,
+              "step_time_s": seconds / steps, "peak_mem_gb": round(peak_memory_gb(device), 3),
+              "loss_by_t_bucket": per_bucket(w_sums), "mse_by_t_bucket": per_bucket(m_sums)}
+    if cfg["diffusion"]["weighting"] == PARETO:   # the bucket weights, mean over the logged steps
+        weights = totals[3 + 3 * k:3 + 3 * k + cfg["diffusion"]["pareto_buckets"]]
+        record["pareto_weights"] = [round(w / steps, 6) for w in weights.tolist()]
+    return record
 
 
 def open_tensorboard(cfg, run_dir):

@@ -8,10 +8,12 @@ import pytest
 import torch
 
 import config
+import distributed
 import extract_latents
 import models
 import train
 from diffusion import GaussianDiffusion, gram_matrix, min_norm_weights
+from conftest import _random_weights as random_weights
 from experiments import conflicts
 from store import open_store
 
@@ -202,3 +204,87 @@ def test_conflicts_errors_are_one_line(conflict_files, tmp_path):
     assert "give --ckpt" in error_of()
     assert "without a timestep" in error_of("--fresh", "DiT-Ti/4", "--schedule", "cosine", "--buckets", "10",
                                             "--spacing", "log_snr")
+
+
+# ----------------------------------------------------------------------------------------------------
+# train.py's weighting "pareto"
+
+
+@pytest.fixture(scope="module")
+def world():
+    """An in-process gloo world of one (train.py's collectives need a process group)."""
+    was_initialized = torch.distributed.is_initialized()
+    yield distributed.init_distributed()
+    if not was_initialized:
+        distributed.cleanup_distributed()
+
+
+def tiny_step(timesteps, micro=2):
+    """A plain two-block DiT of width 32 on 8 px with random weights (a fresh DiT's adaLN-Zero output would
+    be 0; label dropout off, as train.py builds it) and the micro-batches of one step at `timesteps`."""
+    model = models.DiT(input_size=8, patch_size=4, in_channels=3, hidden_size=32, depth=2, num_heads=2,
+                       class_dropout_prob=0.0, num_classes=4, learn_sigma=False)
+    model.load_state_dict(random_weights(model, 0))
+    g = torch.Generator().manual_seed(1)
+    n = len(timesteps)
+    batch = (torch.randn(n, 3, 8, 8, generator=g), torch.randint(0, 5, (n,), generator=g),
+             torch.tensor(timesteps), torch.randn(n, 3, 8, 8, generator=g))
+    per = n // micro
+    return model, [tuple(a[i:i + per] for a in batch) for i in range(0, n, per)]
+
+
+def gradient_of(model):
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]).double()
+
+
+def plain_gradient(model, micro_batches):
+    """train.py's step under plain ε-MSE (weighting snr on ε)."""
+    model.zero_grad(set_to_none=True)
+    train.forward_backward(model, GaussianDiffusion("cosine", weighting="snr"), micro_batches, num_buckets=10)
+    return gradient_of(model)
+
+
+def test_bucket_gradients_weighted_by_fractions_add_up_to_the_plain_gradient(world):
+    """Σ_k (N_k/N)·g_k = ∇ mean_i mse_i: the buckets split the plain loss, two micro-batches and a bucket
+    missing from one of them (bucket 2 of 3 has samples in the second micro-batch only) included."""
+    timesteps = [5, 400, 120, 10, 350, 800, 999, 340]
+    model, micro_batches = tiny_step(timesteps)
+    d = GaussianDiffusion("cosine", weighting="pareto", pareto_buckets=3)
+    grads, stats = train.bucket_gradients(model, d, micro_batches, num_buckets=10)
+    counts = torch.bincount(d.bucket_index(torch.tensor(timesteps), 3), minlength=3).double()
+    flat = torch.stack([torch.cat([g.flatten() for g in grads[k]]).double() for k in range(3)])
+    want = plain_gradient(model, micro_batches)
+    torch.testing.assert_close(counts @ flat / counts.sum(), want, rtol=1e-5, atol=1e-8)
+    assert (torch.nn.functional.cosine_similarity(flat, want[None], dim=1) < 0.999).all()   # no g_k is the mean
+    assert stats[2] == len(timesteps) and stats[3:13].sum() > 0
+
+
+@pytest.mark.parametrize("k, timesteps", [(1, [5, 400, 120, 10, 350, 800, 999, 340]),   # K = 1
+                                          (4, [300, 301, 499, 260, 402, 333, 275, 498])])  # one bucket (1)
+def test_pareto_step_with_one_bucket_is_the_plain_step(world, k, timesteps):
+    model, micro_batches = tiny_step(timesteps)
+    want = plain_gradient(model, micro_batches)
+    model.zero_grad(set_to_none=True)
+    d = GaussianDiffusion("cosine", weighting="pareto", pareto_buckets=k)
+    stats = train.forward_backward(model, d, micro_batches, num_buckets=10)
+    torch.testing.assert_close(gradient_of(model), want, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(stats[-k:], torch.eye(k, dtype=torch.float64)[k // 4])   # all weight on the one bucket
+
+
+def test_pareto_step_descends_on_every_bucket(world):
+    """The step direction x = Σ w_k g_k is MGDA's common descent direction: g_k·x ≥ ‖x‖² for every bucket
+    (so no bucket's loss rises to first order), with equality where w_k > 0; the plain mean gradient is not."""
+    timesteps = [5, 400, 120, 10, 350, 800, 999, 340, 620, 30, 700, 210]
+    model, micro_batches = tiny_step(timesteps, micro=3)
+    d = GaussianDiffusion("cosine", weighting="pareto", pareto_buckets=4)
+    stats = train.forward_backward(model, d, micro_batches, num_buckets=10)
+    x, w = gradient_of(model), stats[-4:]
+    model.zero_grad(set_to_none=True)
+    grads, _ = train.bucket_gradients(model, d, micro_batches, num_buckets=10)
+    flat = torch.stack([torch.cat([g.flatten() for g in grads[k]]).double() for k in range(4)])
+    assert abs(w.sum().item() - 1) < 1e-12 and w.min() >= 0
+    torch.testing.assert_close(x, w @ flat, rtol=1e-6, atol=1e-9)
+    dots, xx = flat @ x, x @ x
+    assert (dots >= xx * (1 - 1e-5)).all() and ((dots - xx)[w > 1e-6].abs() <= 1e-5 * xx).all()
+    plain = plain_gradient(model, micro_batches)
+    assert (flat @ plain < plain @ plain).any()   # the plain step favours some buckets over others

@@ -112,6 +112,24 @@ def test_world_size_independence_and_reshard(data, one_rank, tmp_path):
     assert int(b["progress"]["step"]) == 4 and int(b["progress"]["world_size"]) == 1
 
 
+def test_pareto_weighting_is_world_size_independent(data, tmp_path):
+    """diffusion.weighting=pareto (K = 3) on 2 ranks × 2 micro-batches of 2 (most passes hold no sample of
+    their bucket on some rank) takes the same steps as 1 rank with one micro-batch: bucket gradients are
+    global-batch sums over global counts and their Gram matrix sums the ranks' shard products. The
+    logged weights agree and are convex (and not uniform: the step does weigh the buckets)."""
+    pareto = ("diffusion.weighting=pareto", "diffusion.pareto_buckets=3", "train.steps=2", "model.class_dropout_prob=0.5")
+    launch(tiny_args(data, tmp_path, "one", *pareto), 1)
+    launch(tiny_args(data, tmp_path, "two", *pareto, "train.grad_accum=2"), 2)
+    for step in (1, 2):
+        a, b = load_dcp(tmp_path / "one", step, tmp_path), load_dcp(tmp_path / "two", step, tmp_path)
+        assert max_diff(a, b, {"model", "ema", "optim"}) < 1e-6, step
+    logs = [[json.loads(ln) for ln in (tmp_path / run / "metrics.jsonl").read_text().splitlines()] for run in ("one", "two")]
+    for one, two in zip(*logs):
+        assert one["pareto_weights"] == pytest.approx(two["pareto_weights"], abs=1e-5)
+        assert sum(one["pareto_weights"]) == pytest.approx(1) and min(one["pareto_weights"]) >= 0
+    assert any(max(r["pareto_weights"]) - min(r["pareto_weights"]) > 0.05 for r in logs[0])
+
+
 def test_resume_is_bitwise_exact(data, one_rank, tmp_path):
     """2 steps, stop, resume for 2 more: model, EMA, optimizer state, RNG and the exported file equal the
     straight run bit for bit (CPU, same world size and thread count: the same operations replayed on
