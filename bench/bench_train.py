@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 import train
 from config import HelpFormatter
-from diffusion import GaussianDiffusion
+from diffusion import PARETO, WEIGHTINGS, GaussianDiffusion
 from distributed import cleanup_distributed, init_distributed
 from models import ALL_MODELS
 
@@ -116,7 +116,8 @@ def bench_one(args, world, name, compiled, checkpointing, sharded):
     model, ema = (train.build_models if sharded else plain_models)(cfg, margs, world.device)
     update_ema = train.update_ema if sharded else plain_update_ema
     optimizer = train.build_optimizer(cfg, model, world.device)
-    diffusion = GaussianDiffusion(learn_sigma=args.learn_sigma)
+    diffusion = GaussianDiffusion(learn_sigma=args.learn_sigma, weighting=args.weighting,
+                                  pareto_buckets=args.pareto_buckets)
     b, c, s = args.batch_size, args.in_channels, args.input_size
     batch = (torch.randn(b, c, s, s, device=world.device), torch.randint(0, 1000, (b,), device=world.device),
              diffusion.sample_timesteps(b, device=world.device), torch.randn(b, c, s, s, device=world.device))
@@ -181,6 +182,9 @@ def main(argv=None):
     parser.add_argument("--checkpointing", choices=["off", "on", "both"], default="off", help="activation checkpointing")
     parser.add_argument("--path", choices=["fsdp", "plain", "both"], default="fsdp",
                         help="train.py's FSDP2 step, the same step on a plain module (fp32 only), or both side by side")
+    parser.add_argument("--weighting", choices=WEIGHTINGS + (PARETO,), default="min_snr", help="loss weighting of the timed step")
+    parser.add_argument("--pareto-buckets", type=int, default=None,
+                        help="K of --weighting pareto: K forward/backward passes per micro-batch, a Gram matrix, a solve")
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
     parser.add_argument("--matmul-size", type=int, default=None, help="side of the peak-rate matmul (default: 8192 GPU, 1024 CPU)")
@@ -193,6 +197,10 @@ def main(argv=None):
         return bench_randomness(args)
     if args.path != "fsdp" and args.dtype != "fp32":
         parser.error("--path plain/both compares fp32 steps: bf16 on a plain module would need autocast, not train.py's step")
+    try:
+        GaussianDiffusion(learn_sigma=args.learn_sigma, weighting=args.weighting, pareto_buckets=args.pareto_buckets)
+    except ValueError as e:
+        parser.error(str(e))
 
     world = init_distributed()
     if world.device.type == "cuda":
@@ -205,7 +213,8 @@ def main(argv=None):
     print(f"device: {device_name}; torch {torch.__version__}; measured {args.dtype} matmul peak "
           f"({n}x{n}): {peak / 1e12:.2f} TFLOP/s")
     print(f"batch {args.batch_size}, input {args.in_channels}x{args.input_size}x{args.input_size}, "
-          f"learn_sigma {args.learn_sigma}; GFLOP/img = training FLOPs per image = 3 x analytic forward (recompute not counted)")
+          f"learn_sigma {args.learn_sigma}, weighting {args.weighting}"
+          f"{f' (K = {args.pareto_buckets})' if args.weighting == PARETO else ''}; GFLOP/img = training FLOPs per image = 3 x analytic forward (recompute not counted)")
     print(f"{'model':<10} {'path':>5} {'params':>8} {'GFLOP/img':>10} {'dtype':>5} {'compile':>7} {'ckpt':>4} "
           f"{'img/s':>9} {'step ms':>9} {'TFLOP/s':>8} {'MFU':>6} {'mem GB':>7}  ms per phase: "
           + ", ".join(PHASES) + " (optimizer+EMA share)")
