@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from diffusion import BUCKET_SPACINGS, PLAIN_WEIGHTING, SCHEDULES, TARGETS, WEIGHTINGS, GaussianDiffusion, gram_matrix
 from distributed import DiskFullError, atomic_write
+from experiments.buckets import bucket_ranges, held_out_noising, save_heatmap
 from export import ExportError, load_export
 from models import ALL_MODELS
 from store import StoreError, held_out_batch, open_store
@@ -33,18 +34,6 @@ from store import StoreError, held_out_batch, open_store
 
 def fail(message):
     sys.exit(f"conflicts.py: error: {message}")
-
-
-def held_out_noising(buckets, num_images, shape, seed):
-    """Per bucket k and image i, a timestep drawn uniformly among bucket k's and a standard normal ε ->
-    (t long [K, N], noise [K, N, *shape]). `buckets`: the bucket of every timestep (timestep_buckets)."""
-    g = torch.Generator().manual_seed(seed)
-    k = int(buckets.max()) + 1
-    t = torch.empty(k, num_images, dtype=torch.long)
-    for b in range(k):
-        members = (buckets == b).nonzero().squeeze(1)
-        t[b] = members[torch.randint(len(members), (num_images,), generator=g)]
-    return t, torch.randn(k, num_images, *shape, generator=g)
 
 
 def bucket_gradients(model, diffusion, loss_diffusion, x0, labels, t, noise, batch_size):
@@ -73,16 +62,6 @@ def conflict_matrix(grads):
     norms = gram.diagonal().sqrt()
     safe = torch.where(norms > 0, norms, torch.ones_like(norms))
     return gram / safe[:, None] / safe[None, :], norms
-
-
-def bucket_ranges(buckets, diffusion):
-    """[(first t, last t, SNR at first t, SNR at last t)] of each bucket."""
-    out = []
-    for k in range(int(buckets.max()) + 1):
-        members = (buckets == k).nonzero().squeeze(1)
-        first, last = int(members[0]), int(members[-1])
-        out.append((first, last, float(diffusion.snr[first]), float(diffusion.snr[last])))
-    return out
 
 
 def models_to_score(args):
@@ -124,27 +103,6 @@ def build_model(args, store, path):
         fail(f"{args.data} holds items of shape {store.manifest['shape']}, {path} takes "
              f"{[model.in_channels, model.input_size, model.input_size]}")
     return model, diffusion
-
-
-def save_heatmap(path, cosine, norms, ranges, title):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    k = len(norms)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.75 * k, 0.6 + 0.65 * k))
-    image = ax.imshow(cosine.numpy(), cmap="RdBu_r", vmin=-1, vmax=1)
-    for i in range(k):
-        for j in range(k):
-            ax.text(j, i, f"{cosine[i, j]:.2f}", ha="center", va="center", fontsize=8)
-    ticks = [f"t {a}-{b}\n|g| {n:.2g}" for (a, b, _, _), n in zip(ranges, norms.tolist())]
-    ax.set_xticks(range(k), [f"{a}-{b}" for a, b, _, _ in ranges], fontsize=7, rotation=45)
-    ax.set_yticks(range(k), ticks, fontsize=7)
-    ax.set_title(title, fontsize=9)
-    fig.colorbar(image, ax=ax, label="cosine of bucket gradients")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def save_across_training(path, results, ranges):
@@ -231,12 +189,15 @@ def main(argv=None):
                  f"conflicts compare models of one diffusion")
         setting = this
         t, noise = held_out_noising(buckets, args.num_images, x0.shape[1:], args.seed + 1)
-        grads = bucket_gradients(model.to(args.device), diffusion, loss_diffusion, x0, labels, t.to(args.device),
+        # eval(): no label dropout, so every model's labels are the held-out batch's
+        grads = bucket_gradients(model.to(args.device).eval(), diffusion, loss_diffusion, x0, labels, t.to(args.device),
                                  noise.to(args.device), args.batch_size)
         cosine, norms = conflict_matrix(grads)
         ranges = bucket_ranges(buckets, diffusion)
-        save_heatmap(out / f"{label}.png", cosine.cpu(), norms.cpu(), ranges,
-                     f"{label}: {diffusion.target}, {weighting}, {args.num_images} images")
+        save_heatmap(out / f"{label}.png", cosine.cpu(), [f"t {a}-{b}\n|g| {n:.2g}" for (a, b, _, _), n in
+                                                           zip(ranges, norms.tolist())],
+                     [f"{a}-{b}" for a, b, _, _ in ranges], f"{label}: {diffusion.target}, {weighting}, "
+                     f"{args.num_images} images", "cosine of bucket gradients", 1.0)
         results.append({"label": label, "step": step, "ckpt": None if path is None else str(path),
                         "cosine": cosine.tolist(), "norms": norms.tolist()})
     summary = (f"Gradient cosine between {args.buckets} {args.spacing}-spaced timestep buckets, target "

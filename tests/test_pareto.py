@@ -14,7 +14,7 @@ import models
 import train
 from diffusion import GaussianDiffusion, gram_matrix, min_norm_weights
 from conftest import _random_weights as random_weights
-from experiments import conflicts
+from experiments import buckets as buckets_lib, conflicts, pareto_weights
 from store import open_store
 
 
@@ -130,7 +130,7 @@ def test_conflict_matrix_of_an_affine_model_matches_the_closed_form():
     model = Affine((2, 3, 3))
     x0 = torch.randn(8, 2, 3, 3, generator=torch.Generator().manual_seed(4))
     buckets = d.timestep_buckets(3, "log_snr")
-    t, noise = conflicts.held_out_noising(buckets, 8, (2, 3, 3), seed=5)
+    t, noise = buckets_lib.held_out_noising(buckets, 8, (2, 3, 3), seed=5)
     assert all((buckets[t[k]] == k).all() for k in range(3))
     got_cos, got_norms = conflicts.conflict_matrix(
         conflicts.bucket_gradients(model, d, weighted, x0, torch.zeros(8, dtype=torch.long), t, noise, batch_size=3))
@@ -288,3 +288,23 @@ def test_pareto_step_descends_on_every_bucket(world):
     assert (dots >= xx * (1 - 1e-5)).all() and ((dots - xx)[w > 1e-6].abs() <= 1e-5 * xx).all()
     plain = plain_gradient(model, micro_batches)
     assert (flat @ plain < plain @ plain).any()   # the plain step favours some buckets over others
+
+
+def test_static_bucket_weights_and_the_mean_over_steps():
+    """The plain loss weighs each bucket by its share of the timesteps (uneven under log-SNR spacing);
+    Min-SNR-γ on ε by f_k·mean min(SNR, γ)/SNR, so the buckets entirely at SNR ≤ γ weigh the same;
+    a logged record stands for the steps since the previous one."""
+    d = GaussianDiffusion("cosine", target="eps")
+    uneven = d.timestep_buckets(3, "log_snr")
+    shares = torch.bincount(uneven).double() / 1000
+    torch.testing.assert_close(pareto_weights.static_bucket_weights(d, uneven, "snr", 5.0), shares)
+    even = d.timestep_buckets(4)
+    w = pareto_weights.static_bucket_weights(d, even, "min_snr", 5.5)
+    assert (d.snr[250:] <= 5.5).all() and d.snr[0] > 5.5
+    torch.testing.assert_close(w[1:], torch.full((3,), w[1].item(), dtype=torch.float64))
+    assert w[0] < w[1] and abs(w.sum().item() - 1) < 1e-12
+    steps, history = torch.tensor([10, 20, 50]), torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.5, 0.5]], dtype=torch.float64)
+    torch.testing.assert_close(pareto_weights.mean_over_steps(steps, history, 0),
+                               torch.tensor([0.7, 0.3], dtype=torch.float64))   # (10·1 + 10·1 + 30·0.5)/50
+    torch.testing.assert_close(pareto_weights.mean_over_steps(steps, history, 10),
+                               torch.tensor([0.625, 0.375], dtype=torch.float64))   # (10·1 + 30·0.5)/40
