@@ -25,6 +25,9 @@ paper's weights w_x0 = 1, SNR, max(SNR,γ), min(SNR,γ), 1/(1/SNR+1/γ), plus SN
   x0-prediction  const (= plain x0-MSE, the baseline) vs min_snr γ=5
   v-prediction   snr_plus_one (plain v-MSE, since ‖v−v̂‖² = (SNR+1)‖x0−x̂0‖², the baseline) vs min_snr γ=5;
                  `const` on v would weight the v-MSE by 1/(SNR+1), not a plain v-loss.
+  opt-in         eps-pareto4: ε-prediction under train.py's run-time Pareto weights of 4 timestep buckets
+                 (the paper's §3; a step costs ≈ 2.2× a plain one on a CPU, README), against plain ε-MSE:
+                 --set 'runs=["eps-pareto4"]', then --report-only with it added to the runs.
 
 Evaluation: DDIM, η = 0, x0 clipped to [-1,1], no guidance (cfg 1.0): one deterministic sampler for every
 run and no guidance scale to tune per weighting, so the FIDs compare the weightings and nothing else.
@@ -73,7 +76,11 @@ RUNS = {
     "x0-min_snr5":      ("x0", "min_snr", 5.0, "x0 · Min-SNR-5"),
     "v-snr_plus_one":   ("v", "snr_plus_one", None, "v · SNR+1 (plain v-MSE, baseline)"),
     "v-min_snr5":       ("v", "min_snr", 5.0, "v · Min-SNR-5"),
+    # Run-time weights (train.py's diffusion.weighting=pareto, K = PARETO_BUCKETS): opt-in, see the docstring.
+    "eps-pareto4":      ("eps", "pareto", None, "ε · Pareto-4 (run-time min-norm weights)"),
 }
+PARETO_BUCKETS = 4
+STATIC_RUNS = [r for r in RUNS if RUNS[r][1] != "pareto"]   # the default runs of the cpu and gpu scales
 BASELINE = {"eps": "eps-snr", "x0": "x0-const", "v": "v-snr_plus_one"}
 HEADLINE = ("eps-snr", "eps-min_snr5")
 
@@ -82,13 +89,13 @@ SCALES = {
     "cpu": dict(model="DiT-Ti/4", steps=1000, batch=32, lr=1e-3, warmup=50, evals=5, num_samples=250,
                 sampler="ddim", sampler_steps=20, sample_batch=125, ref_per_class=500,
                 loss_images=256, loss_timesteps=20,
-                seeds=[0, 1], other_seeds=[0], runs=list(RUNS), jobs=2, threads=1, nproc=1, device="cpu",
+                seeds=[0, 1], other_seeds=[0], runs=STATIC_RUNS, jobs=2, threads=1, nproc=1, device="cpu",
                 precision="fp32"),
     # One GPU node (e.g. 1-8 GPUs; --set nproc=8). FID-10K every 5k steps against 50k train images.
     "gpu": dict(model="DiT-S/2", steps=40000, batch=128, lr=2e-4, warmup=1000, evals=8, num_samples=10000,
                 sampler="ddim", sampler_steps=50, sample_batch=500, ref_per_class=5000,
                 loss_images=2000, loss_timesteps=50,
-                seeds=[0, 1, 2], other_seeds=[0, 1], runs=list(RUNS), jobs=1, threads=0, nproc=1,
+                seeds=[0, 1, 2], other_seeds=[0, 1], runs=STATIC_RUNS, jobs=1, threads=0, nproc=1,
                 device="cuda", precision="bf16"),
     # The GPU window (bench/gpu_checks.sh: one H200, minutes): the headline pair, one seed, side by side on
     # the one GPU, from the CIFAR-10 subset bench/build_carry.py carries. Not yet run on a GPU: its time
@@ -264,6 +271,8 @@ class Study:
                 "train.global_batch_size": c["batch"], "train.precision": c["precision"], "optim.lr": c["lr"],
                 "optim.warmup_steps": c["warmup"], "checkpoint.every": every, "checkpoint.export_every": every,
                 "train.log_every": max(1, min(50, every // 4))}
+        if weighting == "pareto":
+            sets["diffusion.pareto_buckets"] = PARETO_BUCKETS
         cmd = self.launcher("train.py") + ["--config", BASE_CONFIG]
         for k, v in sets.items():
             cmd += ["--set", f"{k}={v}"]
@@ -471,7 +480,7 @@ def report(study):
             sp = fmt_speedups(per)[0]
         w = {"const": "1", "snr": "SNR", "snr_plus_one": "SNR + 1", "max_snr": "max(SNR, {g})",
              "min_snr": "min(SNR, {g})",
-             "soft_min_snr": "1/(1/SNR + 1/{g})"}[weighting].format(g=f"{gamma:g}" if gamma else "")
+             "soft_min_snr": "1/(1/SNR + 1/{g})", "pareto": f"run-time, K = {PARETO_BUCKETS}"}[weighting].format(g=f"{gamma:g}" if gamma else "")
         rows.append([label, target, w, ",".join(map(str, per_seed))] + cells + [sp])
 
     head_per = pair_speedups(curves, *HEADLINE, steps)
