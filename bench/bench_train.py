@@ -104,7 +104,7 @@ def plain_update_ema(ema, model, decay):
     torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
 
 
-def bench_one(args, world, name, compiled, checkpointing, sharded):
+def bench_one(args, world, name, compiled, checkpointing, sharded, diffusion):
     """Seconds per phase of train.py's step for `name` (mean over the timed steps, after warm-up) and
     peak memory. Each phase is timed between device synchronisations, so on a GPU the split hides the
     overlap a real step has; the sum is the step time without that overlap."""
@@ -116,8 +116,6 @@ def bench_one(args, world, name, compiled, checkpointing, sharded):
     model, ema = (train.build_models if sharded else plain_models)(cfg, margs, world.device)
     update_ema = train.update_ema if sharded else plain_update_ema
     optimizer = train.build_optimizer(cfg, model, world.device)
-    diffusion = GaussianDiffusion(learn_sigma=args.learn_sigma, weighting=args.weighting,
-                                  pareto_buckets=args.pareto_buckets)
     b, c, s = args.batch_size, args.in_channels, args.input_size
     batch = (torch.randn(b, c, s, s, device=world.device), torch.randint(0, 1000, (b,), device=world.device),
              diffusion.sample_timesteps(b, device=world.device), torch.randn(b, c, s, s, device=world.device))
@@ -182,9 +180,9 @@ def main(argv=None):
     parser.add_argument("--checkpointing", choices=["off", "on", "both"], default="off", help="activation checkpointing")
     parser.add_argument("--path", choices=["fsdp", "plain", "both"], default="fsdp",
                         help="train.py's FSDP2 step, the same step on a plain module (fp32 only), or both side by side")
-    parser.add_argument("--weighting", choices=WEIGHTINGS + (PARETO,), default="min_snr", help="loss weighting of the timed step")
-    parser.add_argument("--pareto-buckets", type=int, default=None,
-                        help="K of --weighting pareto: K forward/backward passes per micro-batch, a Gram matrix, a solve")
+    parser.add_argument("--weighting", choices=WEIGHTINGS, default="min_snr", help="the static loss weighting")
+    parser.add_argument("--pareto-buckets", type=int, nargs="*", default=[], metavar="K",
+                        help="also time weighting pareto with K buckets (K passes per micro-batch, a Gram matrix, a solve)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
     parser.add_argument("--matmul-size", type=int, default=None, help="side of the peak-rate matmul (default: 8192 GPU, 1024 CPU)")
@@ -198,7 +196,9 @@ def main(argv=None):
     if args.path != "fsdp" and args.dtype != "fp32":
         parser.error("--path plain/both compares fp32 steps: bf16 on a plain module would need autocast, not train.py's step")
     try:
-        GaussianDiffusion(learn_sigma=args.learn_sigma, weighting=args.weighting, pareto_buckets=args.pareto_buckets)
+        losses = [(args.weighting, GaussianDiffusion(learn_sigma=args.learn_sigma, weighting=args.weighting))]
+        losses += [(f"pareto-{k}", GaussianDiffusion(learn_sigma=args.learn_sigma, weighting=PARETO, pareto_buckets=k))
+                   for k in args.pareto_buckets]
     except ValueError as e:
         parser.error(str(e))
 
@@ -213,9 +213,8 @@ def main(argv=None):
     print(f"device: {device_name}; torch {torch.__version__}; measured {args.dtype} matmul peak "
           f"({n}x{n}): {peak / 1e12:.2f} TFLOP/s")
     print(f"batch {args.batch_size}, input {args.in_channels}x{args.input_size}x{args.input_size}, "
-          f"learn_sigma {args.learn_sigma}, weighting {args.weighting}"
-          f"{f' (K = {args.pareto_buckets})' if args.weighting == PARETO else ''}; GFLOP/img = training FLOPs per image = 3 x analytic forward (recompute not counted)")
-    print(f"{'model':<10} {'path':>5} {'params':>8} {'GFLOP/img':>10} {'dtype':>5} {'compile':>7} {'ckpt':>4} "
+          f"learn_sigma {args.learn_sigma}; GFLOP/img = training FLOPs per image = 3 x analytic forward (recompute not counted)")
+    print(f"{'model':<10} {'path':>5} {'loss':>9} {'params':>8} {'GFLOP/img':>10} {'dtype':>5} {'compile':>7} {'ckpt':>4} "
           f"{'img/s':>9} {'step ms':>9} {'TFLOP/s':>8} {'MFU':>6} {'mem GB':>7}  ms per phase: "
           + ", ".join(PHASES) + " (optimizer+EMA share)")
     choices = {"off": [False], "on": [True], "both": [False, True]}
@@ -223,8 +222,9 @@ def main(argv=None):
     rows = []
     for name in args.models:
         forward, params = forward_flops_per_image(name, args.input_size, args.in_channels, args.learn_sigma)
-        for sharded, compiled, checkpointing in itertools.product(paths, choices[args.compile], choices[args.checkpointing]):
-            phases, memory = bench_one(args, world, name, compiled, checkpointing, sharded)
+        for sharded, compiled, checkpointing, (loss, diffusion) in itertools.product(
+                paths, choices[args.compile], choices[args.checkpointing], losses):
+            phases, memory = bench_one(args, world, name, compiled, checkpointing, sharded, diffusion)
             if world.device.type == "cuda":
                 torch.cuda.empty_cache()   # the last configuration's model is gone; its cache need not stay
             seconds = sum(phases.values())
@@ -233,12 +233,12 @@ def main(argv=None):
             achieved = 3 * forward * images
             path = "fsdp2" if sharded else "plain"
             split = ", ".join(f"{phases[k] * 1e3:.1f}" for k in PHASES)
-            print(f"{name:<10} {path:>5} {params / 1e6:>7.1f}M {3 * forward / 1e9:>10.2f} {args.dtype:>5} "
+            print(f"{name:<10} {path:>5} {loss:>9} {params / 1e6:>7.1f}M {3 * forward / 1e9:>10.2f} {args.dtype:>5} "
                   f"{'on' if compiled else 'off':>7} {'on' if checkpointing else 'off':>4} {images:>9.1f} "
                   f"{seconds * 1e3:>9.1f} {achieved / 1e12:>8.3f} {achieved / peak:>6.1%} {memory:>7.2f}  "
                   f"{split} ({share:.0%})", flush=True)
             rows.append({"benchmark": "train", "figure": round(images, 1), "unit": "img/s",
-                         "setting": f"{name} {path} {args.in_channels}x{args.input_size}x{args.input_size} "
+                         "setting": f"{name} {path} {loss} {args.in_channels}x{args.input_size}x{args.input_size} "
                                     f"b{args.batch_size} {args.dtype} compile {'on' if compiled else 'off'} "
                                     f"ckpt {'on' if checkpointing else 'off'}",
                          "extra": f"MFU {achieved / peak:.0%} of {peak / 1e12:.2f} TFLOP/s {args.dtype} matmul, "
