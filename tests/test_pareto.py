@@ -168,7 +168,7 @@ def test_conflicts_over_a_run_and_a_fresh_model(conflict_files, tmp_path):
     train.py's own step-0 model (same seed, same init); every model gets a heatmap, the run one figure."""
     out = tmp_path / "out"
     conflicts.main(["--ckpt", str(conflict_files / "run"), "--fresh", "DiT-Ti/4", "--schedule", "cosine",
-                    "--data", str(conflict_files / "store"), "--num-images", "6", "--buckets", "3", "--device", "cpu",
+                    "--data", str(conflict_files / "store"), "--num-images", "3", "--buckets", "3", "--device", "cpu",
                     "--out", str(out)])
     report = json.loads((out / "conflicts.json").read_text())
     assert [(m["label"], m["step"]) for m in report["models"]] == [("fresh", 0), ("step-0000100", 100),
@@ -194,12 +194,12 @@ def test_conflicts_over_a_run_and_a_fresh_model(conflict_files, tmp_path):
 def test_conflicts_errors_are_one_line(conflict_files, tmp_path):
     def error_of(*argv):
         with pytest.raises(SystemExit) as e:
-            conflicts.main([*argv, "--data", str(conflict_files / "store"), "--num-images", "4", "--out", str(tmp_path)])
+            conflicts.main([*argv, "--data", str(conflict_files / "store"), "--num-images", "2", "--out", str(tmp_path)])
         assert "\n" not in str(e.value)
         return str(e.value)
 
-    assert "conflicts compare models of one diffusion" in error_of("--ckpt", str(conflict_files / "run"),
-                                                                   str(conflict_files / "v.pt"))
+    assert "conflicts compare models of one diffusion" in error_of("--ckpt", str(conflict_files / "v.pt"),
+                                                                   str(conflict_files / "run" / "step-0000100.pt"))
     assert "holds no exported checkpoints" in error_of("--ckpt", str(tmp_path))
     assert "give --ckpt" in error_of()
     assert "without a timestep" in error_of("--fresh", "DiT-Ti/4", "--schedule", "cosine", "--buckets", "10",
