@@ -68,7 +68,8 @@ def train_on(model, diffusion, store, timesteps, args, device):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", required=True, help="exported checkpoint (train.py)")
-    p.add_argument("--data", required=True, help="the training store (extract_latents.py): trained on and held out from")
+    p.add_argument("--data", required=True, help="the store (extract_latents.py) the copies train on")
+    p.add_argument("--held-out", help="the store their loss is measured on (default: --data)")
     p.add_argument("--weights", choices=["ema", "model"], default="model")
     p.add_argument("--buckets", type=int, default=4, help="K")
     p.add_argument("--spacing", choices=BUCKET_SPACINGS, default="t")
@@ -86,8 +87,9 @@ def main(argv=None):
 
     try:
         trained, diffusion, _, scale_factor, _ = load_export(args.ckpt, args.weights)
-        store = open_store(args.data, mode="pixels" if scale_factor is None else "latents")
-        x0, labels = held_out_batch(store, args.num_images, args.seed)
+        mode = "pixels" if scale_factor is None else "latents"
+        store = open_store(args.data, mode=mode)
+        x0, labels = held_out_batch(open_store(args.held_out or args.data, mode=mode), args.num_images, args.seed)
         buckets = diffusion.timestep_buckets(args.buckets, args.spacing)
     except (ExportError, StoreError, ValueError) as e:
         fail(str(e))
@@ -114,13 +116,14 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     columns = [f"t {a}-{b}" for a, b, _, _ in ranges]
     lines = [f"Relative change of the held-out plain {diffusion.target}-MSE per bucket ({args.num_images} images of "
-             f"{args.data}) after {args.steps} AdamW steps (lr {args.lr}, {args.warmup} warm-up, batch {args.batch_size}) on one bucket's "
+             f"{args.held_out or args.data}) after {args.steps} AdamW steps (lr {args.lr}, {args.warmup} warm-up, batch {args.batch_size}) on one bucket's "
              f"timesteps, from {args.ckpt} ({args.weights} weights); < 0 = lower loss.", "",
              "| trained on | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     lines += [f"| {name} | " + " | ".join(f"{c:+.1%}" for c in row) + " |"
               for (name, _), row in zip(rows, change.tolist())]
     lines += ["", "held-out loss before: " + ", ".join(f"{c} {v:.4g}" for c, v in zip(columns, before.tolist()))]
-    report = {"ckpt": args.ckpt, "weights": args.weights, "data": args.data, "buckets": ranges, "steps": args.steps,
+    report = {"ckpt": args.ckpt, "weights": args.weights, "data": args.data, "held_out": args.held_out or args.data,
+              "buckets": ranges, "steps": args.steps,
               "lr": args.lr, "batch_size": args.batch_size, "num_images": args.num_images, "seed": args.seed,
               "before": before.tolist(), "rows": [name for name, _ in rows], "relative_change": change.tolist()}
     try:
