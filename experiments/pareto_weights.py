@@ -56,7 +56,7 @@ def static_bucket_weights(diffusion, buckets, weighting, gamma):
     return sums / sums.sum()   # Σ_{t∈k} λ(t) = T·f_k·λ̄_k
 
 
-def save_figure(path, ranges, pareto, pareto_std, static, steps, history):
+def save_figure(path, ranges, pareto, static, steps, history):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -64,8 +64,7 @@ def save_figure(path, ranges, pareto, pareto_std, static, steps, history):
     k = len(ranges)
     names = [f"{a}-{b}" for a, b, _, _ in ranges]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    left.errorbar(range(k), pareto, yerr=pareto_std, color="k", lw=2.5, marker="o", capsize=3,
-                  label="Pareto (mean ± sd over steps)")
+    left.plot(range(k), pareto, color="k", lw=2.5, marker="o", label="Pareto (mean over steps)")
     for name, w in static.items():
         left.plot(range(k), w, marker=".", ls="--", label=name)
     left.set(xticks=range(k), xticklabels=names, xlabel="timestep bucket", ylabel="normalised bucket weight",
@@ -129,7 +128,7 @@ def main(argv=None):
         atomic_write(out / "pareto_weights.md", lambda f: f.write(("\n".join(lines) + "\n").encode()))
     except DiskFullError as e:
         fail(str(e))
-    save_figure(out / "pareto_weights.png", ranges, pareto.numpy(), pareto_std.numpy(),
+    save_figure(out / "pareto_weights.png", ranges, pareto.numpy(),
                 {k: v.numpy() for k, v in static.items()}, steps.numpy(), history.numpy())
     print("\n".join(lines))
 
