@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from config import HelpFormatter
 from diffusion import BUCKET_SPACINGS, PLAIN_WEIGHTING, SCHEDULES, TARGETS, WEIGHTINGS, GaussianDiffusion, gram_matrix
 from distributed import DiskFullError, atomic_write
 from experiments.buckets import bucket_ranges, held_out_noising, save_heatmap
@@ -141,7 +142,7 @@ def markdown(results, ranges, setting):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--ckpt", nargs="*", default=[], help="exported checkpoints, or run checkpoint directories")
     p.add_argument("--fresh", metavar="MODEL", choices=list(ALL_MODELS),
                    help="also score a freshly initialised MODEL (as step 0), with --schedule and --target")
@@ -153,13 +154,13 @@ def main(argv=None):
                    help="exported weights to score (default: the optimizer's, whose gradients training follows)")
     p.add_argument("--weighting", choices=("plain",) + WEIGHTINGS, default="plain",
                    help="loss weighting of the buckets' losses; plain = the target's MSE")
-    p.add_argument("--gamma", type=float, default=5.0)
+    p.add_argument("--gamma", type=float, default=5.0, help="γ of --weighting")
     p.add_argument("--buckets", type=int, default=4, help="K")
     p.add_argument("--spacing", choices=BUCKET_SPACINGS, default="t", help="equal bucket widths in t or in log SNR")
-    p.add_argument("--num-images", type=int, default=64)
+    p.add_argument("--num-images", type=int, default=64, help="held-out images")
     p.add_argument("--seed", type=int, default=0, help="picks the images, their timesteps and noise")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward/backward")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--out", required=True, help="output directory")
     args = p.parse_args(argv)
     if args.num_images < 1 or args.batch_size < 1:

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from config import HelpFormatter
 from diffusion import BUCKET_SPACINGS, PLAIN_WEIGHTING, GaussianDiffusion
 from distributed import DiskFullError, atomic_write
 from experiments.buckets import bucket_ranges, held_out_noising, save_heatmap
@@ -66,20 +67,20 @@ def train_on(model, diffusion, store, timesteps, args, device):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--ckpt", required=True, help="exported checkpoint (train.py)")
     p.add_argument("--data", required=True, help="the store (extract_latents.py) the copies train on")
     p.add_argument("--held-out", help="the store their loss is measured on (default: --data)")
-    p.add_argument("--weights", choices=["ema", "model"], default="model")
+    p.add_argument("--weights", choices=["ema", "model"], default="model", help="which of the export's weights to train")
     p.add_argument("--buckets", type=int, default=4, help="K")
-    p.add_argument("--spacing", choices=BUCKET_SPACINGS, default="t")
+    p.add_argument("--spacing", choices=BUCKET_SPACINGS, default="t", help="equal bucket widths in t or in log SNR")
     p.add_argument("--steps", type=int, default=200, help="training steps per bucket")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=32, help="images per training step")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate of the copies")
     p.add_argument("--warmup", type=int, default=50, help="linear LR warm-up steps")
     p.add_argument("--num-images", type=int, default=128, help="held-out images per bucket")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0, help="picks the batches, timesteps and noise")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--out", required=True, help="output directory")
     args = p.parse_args(argv)
     if min(args.steps, args.batch_size, args.num_images, args.warmup) < 1:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from config import HelpFormatter
 from diffusion import PARETO, WEIGHTINGS, GaussianDiffusion, loss_weight
 from distributed import DiskFullError, atomic_write
 from experiments.buckets import bucket_ranges
@@ -81,7 +82,7 @@ def save_figure(path, ranges, pareto, static, steps, history):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--run", required=True, help="a train.py run directory trained with diffusion.weighting=pareto")
     p.add_argument("--gamma", type=float, default=5.0, help="γ of the static weightings that have one")
     p.add_argument("--from-step", type=int, default=0, help="average the Pareto weights over later steps only")
