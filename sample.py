@@ -111,7 +111,8 @@ def run(args):
                                               labels[lo:lo + args.batch_size])
                                      for lo in tqdm(range(0, len(labels), args.batch_size), unit="batch")])
             # Official DiT files record no class names: their rows are labelled by class id.
-            save_grid(args.grid, images, [class_names[c] if class_names else f"class {c}" for c in classes])
+            save_grid(args.grid, images, [class_names[c] if class_names else f"class {c}" for c in classes],
+                      zoom=args.zoom)
             print(f"saved {args.grid}")
         cleanup_distributed()
         return
@@ -204,6 +205,8 @@ def parse_args(argv=None):
     use.add_argument("--out", help="write an ADM .npz of --num-samples class-balanced images")
     parser.add_argument("--classes", default="0,1,2,3", help="grid: comma-separated class ids")
     parser.add_argument("--per-class", type=int, default=8, help="grid: images per class")
+    parser.add_argument("--zoom", type=int, default=None,
+                        help="grid: enlarge each image this many times by pixel repetition (default: images under 64 px to at least 64 px)")
     parser.add_argument("--num-samples", type=int, default=50_000, help="npz: number of images")
     parser.add_argument("--shard-size", type=int, default=1000, help="npz: images per resumable shard")
     args = parser.parse_args(argv)

@@ -87,15 +87,21 @@ def open_rgb(source, name, *, exif_transpose=True):
         raise StoreError(f"{name}: cannot read image ({e})") from None
 
 
-def save_grid(path, images, row_names, pad=2):
+def save_grid(path, images, row_names, pad=2, zoom=None):
     """images: uint8 [rows*cols, H, W, 3] in row-major order, one row per name of `row_names` -> one PNG
-    with black gutters and each row's name to the right of its row. The tiles keep their place whatever
-    the names (tile (r, c) starts at pad + r*(H+pad), pad + c*(W+pad)), and hold the images unchanged."""
-    n, h, w, _ = images.shape
+    with black gutters and each row's name to the right of its row. Each image is enlarged `zoom` times
+    by pixel repetition (a 16 px image is a speck on screen; repetition adds no detail it lacks); zoom None
+    enlarges images under 64 px to at least 64 px and leaves larger ones as they are. The tiles
+    keep their place whatever the names (tile (r, c) starts at pad + r*(S+pad), pad + c*(S+pad), S =
+    zoom*H) and hold the images unchanged but for the repetition."""
+    n = images.shape[0]
     rows = len(row_names)
     cols = n // rows
     if cols * rows != n or cols == 0:
         raise ValueError(f"save_grid: {n} images do not fill {rows} rows")
+    zoom = zoom or max(1, 64 // images.shape[1])
+    images = images.repeat(zoom, axis=1).repeat(zoom, axis=2)   # [n, zoom*H, zoom*W, 3]
+    h, w = images.shape[1:3]
     # PIL's built-in font (no font file needed): about 60 % of a row, readable from 10 px up.
     font = ImageFont.load_default(size=min(max(round(0.6 * h), 10), 24))
     label_width = max(font.getbbox(str(name))[2] for name in row_names) + 2 * pad

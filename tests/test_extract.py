@@ -59,7 +59,7 @@ def test_grid_tiles_are_the_images_and_each_row_carries_its_name(tmp_path):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(3 * 4, 16, 16, 3), dtype=np.uint8)
     names = ["red-circle", "red-circle", "yellow-star"]
-    store.save_grid(tmp_path / "grid.png", images, names)
+    store.save_grid(tmp_path / "grid.png", images, names, zoom=1)
     grid = np.asarray(Image.open(tmp_path / "grid.png"))
     tiles_width = 4 * 18 + 2
     assert grid.shape[0] == 3 * 18 + 2 and grid.shape[1] > tiles_width
@@ -71,6 +71,14 @@ def test_grid_tiles_are_the_images_and_each_row_carries_its_name(tmp_path):
     assert np.array_equal(labels[0], labels[1]) and not np.array_equal(labels[0], labels[2])
     with pytest.raises(ValueError, match="do not fill 5 rows"):
         store.save_grid(tmp_path / "bad.png", images, ["a"] * 5)
+    store.save_grid(tmp_path / "zoom.png", images, names, zoom=3)   # tile (r, c) at 2 + 50 r, 2 + 50 c
+    zoomed = np.asarray(Image.open(tmp_path / "zoom.png"))
+    for k, image in enumerate(images):
+        r, c = divmod(k, 4)
+        tile = zoomed[2 + 50 * r:50 + 50 * r, 2 + 50 * c:50 + 50 * c]
+        assert np.array_equal(tile[::3, ::3], image) and np.array_equal(tile[2::3, 1::3], image)
+    store.save_grid(tmp_path / "auto.png", images, names)   # 16 px images: enlarged 4 times, to 64 px
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "auto.png"))[2:66, 2:66], images[0].repeat(4, 0).repeat(4, 1))
 
 
 def test_cifar_subset_from_archive(cifar, tmp_path):
