@@ -14,7 +14,7 @@ import models
 import train
 from diffusion import GaussianDiffusion, gram_matrix, min_norm_weights
 from conftest import _random_weights as random_weights
-from experiments import buckets as buckets_lib, conflicts, pareto_weights
+from experiments import buckets as buckets_lib, conflicts, negative_transfer, pareto_weights
 from store import open_store
 
 
@@ -308,3 +308,25 @@ def test_static_bucket_weights_and_the_mean_over_steps():
                                torch.tensor([0.7, 0.3], dtype=torch.float64))   # (10·1 + 10·1 + 30·0.5)/50
     torch.testing.assert_close(pareto_weights.mean_over_steps(steps, history, 10),
                                torch.tensor([0.625, 0.375], dtype=torch.float64))   # (10·1 + 30·0.5)/40
+
+
+# ----------------------------------------------------------------------------------------------------
+# experiments/negative_transfer.py
+
+
+def test_negative_transfer_trains_each_bucket_and_measures_every_bucket(conflict_files, tmp_path):
+    """One row per trained bucket and the all-t control, one column per measured bucket. Training a
+    random model on a bucket lowers that bucket's held-out loss more than any other row does (the
+    diagonal is each column's minimum among the bucket rows); the control lowers every bucket."""
+    out = tmp_path / "transfer"
+    negative_transfer.main(["--ckpt", str(conflict_files / "run" / "step-0000100.pt"), "--data",
+                            str(conflict_files / "store"), "--buckets", "2", "--steps", "20", "--warmup", "5",
+                            "--batch-size", "8", "--num-images", "8", "--lr", "3e-3", "--device", "cpu",
+                            "--out", str(out)])
+    report = json.loads((out / "transfer.json").read_text())
+    change = torch.tensor(report["relative_change"])
+    assert report["rows"][-1] == "all t" and change.shape == (3, 2)
+    assert (change[-1] < 0).all()
+    for k in range(2):
+        assert change[k, k] < 0 and change[k, k] == change[:2, k].min()
+    assert (out / "transfer.png").exists()
