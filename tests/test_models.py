@@ -77,8 +77,9 @@ def test_dit_xl2_state_dict_matches_official_layout():
 
 
 # (depth, width, heads) per size, written out from the DiT paper (Table 1) and the Min-SNR/U-ViT ViTs,
-# independently of models.py's tables; Ti is this repository's CPU size.
-SIZES = {"DiT": {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16), "Ti": (6, 256, 4)},
+# independently of models.py's tables; Ti and Mi are this repository's CPU sizes.
+SIZES = {"DiT": {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16), "Ti": (6, 256, 4),
+                 "Mi": (6, 128, 2)},
          "ViT": {"S": (12, 384, 6), "B": (12, 768, 12), "L": (21, 1024, 16), "XL": (28, 1152, 16), "Ti": (6, 256, 4)}}
 PATCHES = {"DiT": (2, 4, 8), "ViT": (2, 4)}
 
