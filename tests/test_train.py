@@ -464,7 +464,8 @@ def test_sample_grids_at_their_steps_from_the_ema_and_equal_after_resume(data, s
                      cfg_scale=2.0, clip_denoised=True)
     expected = store_lib.model_to_images(x).astype(int)
     # save_grid enlarges 16 px images 4x by pixel repetition: each tile is 64 px at a 66 px pitch.
-    zoom, size = 4, 4 * expected.shape[1]
+    zoom = 4
+    size = zoom * expected.shape[1]
     tiles = np.stack([grid[2 + r * (size + 2):2 + r * (size + 2) + size:zoom, 2 + c * (size + 2):2 + c * (size + 2) + size:zoom]
                       for r in range(len(classes)) for c in range(2)])
     # Sharded and plain forwards round differently and sampling amplifies it in a few pixels: measured mean
